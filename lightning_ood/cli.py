@@ -1,0 +1,81 @@
+"""The command line: one LightningCLI subclass used by ``train.py`` and ``evaluate.py``."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import yaml
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.module import OODClassifier
+from lightning_ood.runs import run_directory
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Stores the resolved config inside the run instead of a shared folder.
+
+    Lightning's default writes ``config.yaml`` to the logger's save dir, which with W&B is
+    the same folder for every run (the second run aborts). Here the config goes to the
+    run's own directory and, with W&B, into the run's config and files.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        out_dir = run_directory(trainer)
+        if trainer.is_global_zero:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+                f.write(text)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                logger.experiment.config.update({"cli": yaml.safe_load(text)}, allow_val_change=True)
+                logger.experiment.save(os.path.join(out_dir, "config.yaml"), base_path=out_dir, policy="now")
+
+
+class OODCLI(LightningCLI):
+    """LightningCLI for :class:`OODClassifier` and any :class:`OODDataModule`.
+
+    ``data.num_classes`` is linked into ``model.num_classes``. After ``fit``, when an
+    :class:`~lightning_ood.callbacks.OODEvaluation` callback is configured, the test
+    stage runs on the trained weights so the run ends with the OOD report.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", SaveConfigToRun)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(OODClassifier, OODDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        from lightning_ood.callbacks import OODEvaluation
+
+        if any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def use_wandb_offline_without_account() -> None:
+    """Run W&B offline when no account is configured (no API key, no login, no mode)."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = os.path.expanduser("~/.netrc")
+    if os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read():
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    print("lightning_ood: no W&B account configured, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+
+
+def main(args: Optional[list[str]] = None) -> OODCLI:
+    """Entry point of ``train.py``."""
+    use_wandb_offline_without_account()
+    return OODCLI(args=args)

@@ -1,0 +1,109 @@
+"""CIFAR-10, CIFAR-100 and SVHN as ID datamodules (torchvision datasets)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
+
+from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet, small_image_transforms
+
+
+def _labels_of(dataset: Dataset) -> Tensor:
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = getattr(dataset, "labels")
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def open_torchvision(name: str, root: str, train: bool, download: bool) -> Dataset:
+    """A torchvision dataset by our name, with a clear error when it is not on disk."""
+    try:
+        if name == "cifar10":
+            return datasets.CIFAR10(root, train=train, download=download)
+        if name == "cifar100":
+            return datasets.CIFAR100(root, train=train, download=download)
+        if name == "svhn":
+            return datasets.SVHN(root, split="train" if train else "test", download=download)
+        if name == "mnist":
+            return datasets.MNIST(root, train=train, download=download)
+        if name == "fashion_mnist":
+            return datasets.FashionMNIST(root, train=train, download=download)
+        if name == "textures":
+            return datasets.DTD(root, split="train" if train else "test", download=download)
+        if name == "places365":
+            return datasets.Places365(root, split="val", small=True, download=download)
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {os.path.abspath(root)} ({err}); "
+            "pass --data.download true to fetch it, or --data.root to point at your copy"
+        ) from err
+    raise ValueError(f"unknown torchvision dataset {name!r}")
+
+
+class _TorchvisionDataModule(OODDataModule):
+    """A 32x32 torchvision dataset as ID: random crop + flip, per-dataset normalisation."""
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_size: int = 1000,
+        ood_sets: Optional[list[OODSet]] = None,
+        seed: int = 0,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+    ) -> None:
+        super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed)
+        self.mean = tuple(mean) if mean is not None else type(self).mean
+        self.std = tuple(std) if std is not None else type(self).std
+
+    def prepare_data(self) -> None:
+        if self.download:
+            open_torchvision(self.name, self.root, True, True)
+            open_torchvision(self.name, self.root, False, True)
+
+    def test_transform(self) -> Callable:
+        return small_image_transforms(self.mean, self.std, self.image_size)[1]
+
+    def build(self) -> dict[str, Any]:
+        train_aug, test_tf = small_image_transforms(self.mean, self.std, self.image_size)
+        full_train = open_torchvision(self.name, self.root, True, False)
+        test = open_torchvision(self.name, self.root, False, False)
+        labels = _labels_of(full_train)
+        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
+        train = Subset(full_train, train_idx.tolist())
+        return {
+            "train": IndexedDataset(train, train_aug),
+            "fit": IndexedDataset(train, test_tf),
+            "val": IndexedDataset(Subset(full_train, val_idx.tolist()), test_tf),
+            "test": IndexedDataset(test, test_tf),
+            "train_labels": labels[train_idx],
+        }
+
+
+class CIFAR10DataModule(_TorchvisionDataModule):
+    """CIFAR-10 as ID (Krizhevsky, 2009)."""
+
+    name, num_classes = "cifar10", 10
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100DataModule(_TorchvisionDataModule):
+    """CIFAR-100 as ID (Krizhevsky, 2009)."""
+
+    name, num_classes = "cifar100", 100
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class SVHNDataModule(_TorchvisionDataModule):
+    """SVHN as ID (Netzer et al., 2011)."""
+
+    name, num_classes = "svhn", 10
+    mean, std = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)

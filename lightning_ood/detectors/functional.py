@@ -1,0 +1,251 @@
+"""Pure tensor functions behind the detectors.
+
+Every function here returns new tensors and never modifies its inputs. Scores follow the
+project convention: **higher = more in-distribution (ID)**.
+
+References:
+    * ASH: Djurisic et al., "Extremely Simple Activation Shaping for Out-of-Distribution
+      Detection", ICLR 2023.
+    * MSP: Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and
+      Out-of-Distribution Examples in Neural Networks", ICLR 2017.
+    * MaxLogit: Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World
+      Settings", ICML 2022.
+    * Energy: Liu et al., "Energy-based Out-of-distribution Detection", NeurIPS 2020.
+    * FeatureNorm and jigsaw pseudo-OOD: Yu et al., "Block Selection Method for Using
+      Feature Norm in Out-of-distribution Detection", CVPR 2023.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    """Raise ``ValueError`` when ``tensor`` holds NaN or infinite values.
+
+    Detectors call this on their inputs: a non-finite feature or logit means the model's
+    forward pass is broken, and a NaN score would silently corrupt every metric.
+
+    Args:
+        tensor: any tensor.
+        what: name used in the error message (e.g. ``"ASH input features"``).
+    """
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{what} contain NaN or infinite values; the model's forward pass produced "
+            "non-finite outputs, so no meaningful OOD score exists for them."
+        )
+
+
+def check_percentile(percentile: float) -> None:
+    """Raise ``ValueError`` unless ``percentile`` is on the ASH paper's 0-100 scale."""
+    if not 0.0 <= float(percentile) <= 100.0:
+        raise ValueError(
+            f"ASH percentile must be on the paper's 0-100 scale (e.g. 90, not 0.9); "
+            f"got {percentile}"
+        )
+
+
+def _keep_top(x: Tensor, percentile: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Flatten ``x`` per sample and find the values ASH keeps.
+
+    Returns ``(flat, values, indices)``: ``flat`` is the (B, n) view of ``x``, ``values``
+    and ``indices`` the (B, k) largest entries per row, with
+    ``k = n - round(n * percentile / 100)`` (Python's ``round``: halves go to the even
+    integer, as NumPy's ``round`` in the authors' code).
+    """
+    check_percentile(percentile)
+    if x.dim() < 2:
+        raise ValueError(f"ASH expects (B, D) or (B, C, H, W) features; got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"ASH expects floating-point features; got {x.dtype}")
+    check_finite(x, "ASH input features")
+    flat = x.reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    k = n - round(n * float(percentile) / 100.0)
+    if k < 1:
+        raise ValueError(
+            f"ASH percentile {percentile} keeps none of the {n} values per sample (k = 0); "
+            "use a smaller percentile"
+        )
+    values, indices = flat.topk(k, dim=1)
+    return flat, values, indices
+
+
+def ash_p(x: Tensor, percentile: float) -> Tensor:
+    """ASH-P: keep each sample's k largest values unchanged and zero the rest.
+
+    Djurisic et al., ICLR 2023. ``n`` is the number of values per sample (all non-batch
+    dimensions together) and ``k = n - round(n * percentile / 100)``.
+
+    Args:
+        x: features of shape (B, D) or (B, C, H, W); not modified.
+        percentile: pruning percentile on the paper's 0-100 scale (90 prunes 90 %).
+
+    Returns:
+        A new tensor shaped like ``x``.
+
+    Raises:
+        ValueError: percentile outside [0, 100], ``k`` would be 0, or non-finite ``x``.
+    """
+    flat, values, indices = _keep_top(x, percentile)
+    return torch.zeros_like(flat).scatter(1, indices, values).reshape(x.shape)
+
+
+def ash_b(x: Tensor, percentile: float) -> Tensor:
+    """ASH-B: binarise; every kept position becomes ``s1 / k``, all others 0.
+
+    Djurisic et al., ICLR 2023. ``s1`` is the per-sample sum before pruning, so the
+    per-sample sum is preserved.
+
+    Args:
+        x: features of shape (B, D) or (B, C, H, W); not modified.
+        percentile: pruning percentile on the paper's 0-100 scale.
+
+    Returns:
+        A new tensor shaped like ``x``.
+
+    Raises:
+        ValueError: percentile outside [0, 100], ``k`` would be 0, or non-finite ``x``.
+    """
+    flat, values, indices = _keep_top(x, percentile)
+    k = values.shape[1]
+    fill = (flat.sum(dim=1, keepdim=True) / k).expand(-1, k)
+    return torch.zeros_like(flat).scatter(1, indices, fill).reshape(x.shape)
+
+
+def ash_s(x: Tensor, percentile: float) -> Tensor:
+    """ASH-S: prune like ASH-P, then multiply by ``exp(s1 / s2)``.
+
+    Djurisic et al., ICLR 2023. ``s1`` is the per-sample sum before pruning and ``s2`` the
+    sum of the kept values.
+
+    Guard (the reference divides by ``s2`` unconditionally and overflows): for a sample
+    with ``s2 <= 0`` (all kept values zero, or negative features such as GELU outputs) the
+    scale is 1, i.e. the sample is only pruned. The exponent ``s1 / s2`` is clamped to at
+    most ``log(finfo(dtype).max) / 2`` (about 44.4 in float32), so neither the scale nor the
+    scaled features can overflow for any realistic feature magnitude. Whenever ``s2 > 0``,
+    ``s1 / s2 <= n / k`` (pruned values never exceed the smallest kept one): 10 at
+    percentile 90, 20 at 95, so the clamp only acts above a percentile of about 97.7.
+
+    Args:
+        x: features of shape (B, D) or (B, C, H, W); not modified.
+        percentile: pruning percentile on the paper's 0-100 scale.
+
+    Returns:
+        A new finite tensor shaped like ``x``.
+
+    Raises:
+        ValueError: percentile outside [0, 100], ``k`` would be 0, or non-finite ``x``.
+    """
+    flat, values, indices = _keep_top(x, percentile)
+    pruned = torch.zeros_like(flat).scatter(1, indices, values)
+    s1 = flat.sum(dim=1)
+    s2 = values.sum(dim=1)
+    positive = s2 > 0
+    exponent = torch.where(positive, s1 / torch.where(positive, s2, torch.ones_like(s2)), 0.0)
+    exponent = exponent.clamp(max=math.log(torch.finfo(x.dtype).max) / 2)
+    return (pruned * torch.exp(exponent).unsqueeze(1)).reshape(x.shape)
+
+
+def energy(logits: Tensor) -> Tensor:
+    """Negative free energy ``logsumexp_c logits_c`` (Liu et al., NeurIPS 2020).
+
+    Args:
+        logits: (B, C) logits.
+
+    Returns:
+        (B,) scores, higher = ID; finite for any finite logits (also > 100).
+    """
+    return torch.logsumexp(logits, dim=1)
+
+
+def msp(logits: Tensor) -> Tensor:
+    """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017).
+
+    Args:
+        logits: (B, C) logits.
+
+    Returns:
+        (B,) scores in [1/C, 1], higher = ID.
+    """
+    return torch.softmax(logits, dim=1).amax(dim=1)
+
+
+def max_logit(logits: Tensor) -> Tensor:
+    """Largest logit (Hendrycks et al., ICML 2022).
+
+    Args:
+        logits: (B, C) logits.
+
+    Returns:
+        (B,) scores, higher = ID.
+    """
+    return logits.amax(dim=1)
+
+
+def feature_norm(feature_map: Tensor) -> Tensor:
+    """FeatureNorm of a block output (Yu et al., CVPR 2023).
+
+    ``f(z) = (1/M) * sum_m || ReLU(z_m) ||_2``: the spatial L2 norm of each rectified
+    channel, averaged over the M channels.
+
+    Args:
+        feature_map: (B, M, H, W) block output.
+
+    Returns:
+        (B,) non-negative norms, higher = ID.
+    """
+    if feature_map.dim() != 4:
+        raise ValueError(f"feature_norm expects (B, M, H, W); got {tuple(feature_map.shape)}")
+    return torch.linalg.vector_norm(torch.relu(feature_map), dim=(2, 3)).mean(dim=1)
+
+
+def jigsaw(images: Tensor, grid: int = 3, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Jigsaw-shuffled copies of images, the pseudo-OOD of Yu et al. (CVPR 2023).
+
+    Each image is cut into ``grid x grid`` tiles of ``floor(H / grid) x floor(W / grid)``
+    pixels starting at the top-left corner, and the tiles are placed in a random order,
+    drawn independently for every image. Pixels outside the ``grid * tile`` area (the
+    bottom and right remainder border, e.g. 2 px of a 32 px CIFAR image) are **zero** in
+    the output, as in the authors' reference code. Zero is taken in the space ``images``
+    are in: black when applied before normalisation, the normalisation mean after it.
+
+    Args:
+        images: (B, C, H, W) batch; not modified.
+        grid: tiles per side (3 in the paper).
+        generator: random source of the permutations (``None``: the global one). Its
+            device is used to draw them.
+
+    Returns:
+        A new tensor shaped like ``images``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"jigsaw expects (B, C, H, W); got {tuple(images.shape)}")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1; got {grid}")
+    batch, channels, height, width = images.shape
+    tile_h, tile_w = height // grid, width // grid
+    if tile_h == 0 or tile_w == 0:
+        raise ValueError(f"images of {height}x{width} px are too small for a {grid}x{grid} jigsaw")
+    num_tiles = grid * grid
+    device = generator.device if generator is not None else images.device
+    order = torch.rand(batch, num_tiles, generator=generator, device=device).argsort(dim=1)
+    order = order.to(images.device)
+
+    area = images[:, :, : grid * tile_h, : grid * tile_w]
+    # (B, C, gh, th, gw, tw) -> (B, gh*gw, C, th, tw): tiles in row-major grid order.
+    tiles = area.reshape(batch, channels, grid, tile_h, grid, tile_w).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(batch, num_tiles, channels, tile_h, tile_w)
+    shuffled = tiles.gather(1, order.view(batch, num_tiles, 1, 1, 1).expand_as(tiles))
+    shuffled = shuffled.reshape(batch, grid, grid, channels, tile_h, tile_w)
+    shuffled = shuffled.permute(0, 3, 1, 4, 2, 5)
+
+    out = torch.zeros_like(images)
+    out[:, :, : grid * tile_h, : grid * tile_w] = shuffled.reshape(
+        batch, channels, grid * tile_h, grid * tile_w
+    )
+    return out

@@ -1,0 +1,155 @@
+"""OODClassifier: backbone + head + OOD-aware objective, as one LightningModule."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_ood.detectors.base import ForwardOutputs
+from lightning_ood.detectors.functional import feature_norm
+from lightning_ood.heads import build_head
+from lightning_ood.losses import build_loss, isomax_plus_loss
+from lightning_ood.models import build_backbone, split_torchvision_state_dict
+
+Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, sample indices
+
+
+class OODClassifier(pl.LightningModule):
+    """An image classifier trained with an OOD-aware objective.
+
+    Args:
+        backbone: ``resnet18`` (CIFAR stem by default) or ``resnet50`` (ImageNet stem).
+        loss: ``ce`` (linear head, softmax cross-entropy), ``isomax_plus`` (IsoMax+
+            distance head + entropic-scale loss) or ``l2_norm`` (features L2-normalised
+            before the linear head in training only).
+        num_classes: number of ID classes (linked from the datamodule by the CLI).
+        cifar_stem: override the backbone's default stem.
+        width: channels of the first stage (64 = the standard ResNet; all stages scale).
+        entropic_scale: IsoMax+ entropic scale E (training only).
+        l2_temperature: temperature tau of the ``l2_norm`` objective (1.0 = the paper).
+        lr, momentum, nesterov, weight_decay: SGD settings.
+        scheduler: ``cosine`` (to 0 over ``max_epochs``), ``multistep`` (x ``gamma`` at
+            ``milestones``) or ``none``.
+        milestones, gamma: multi-step schedule.
+        pretrained: path of a torchvision ResNet ``state_dict`` file to start from (its
+            ``fc`` is loaded into a ``ce``/``l2_norm`` head when the shapes match).
+    """
+
+    def __init__(
+        self,
+        backbone: Literal["resnet18", "resnet50"] = "resnet18",
+        loss: Literal["ce", "isomax_plus", "l2_norm"] = "ce",
+        num_classes: int = 10,
+        cifar_stem: Optional[bool] = None,
+        width: int = 64,
+        entropic_scale: float = 10.0,
+        l2_temperature: float = 1.0,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        scheduler: Literal["cosine", "multistep", "none"] = "cosine",
+        milestones: Optional[list[int]] = None,
+        gamma: float = 0.1,
+        pretrained: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if scheduler not in ("cosine", "multistep", "none"):
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid choices: cosine, multistep, none")
+        self.save_hyperparameters()
+        self.backbone = build_backbone(backbone, cifar_stem, width)
+        self.head = build_head(loss, self.backbone.num_features, num_classes, l2_temperature)
+        self.criterion = build_loss(loss)
+        self.detectors = nn.ModuleDict()
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        if pretrained:
+            self.load_torchvision_weights(pretrained)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams["num_classes"])
+
+    def load_torchvision_weights(self, path: str) -> None:
+        """Load a torchvision ResNet ``state_dict`` file into the backbone (and head)."""
+        from lightning_ood.io import load_state_dict_file
+
+        backbone_state, head_state = split_torchvision_state_dict(load_state_dict_file(path))
+        missing, unexpected = self.backbone.load_state_dict(backbone_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit backbone {self.hparams['backbone']!r} "
+                f"(cifar_stem={self.backbone.cifar_stem}): missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        head_weight = getattr(self.head, "weight", None)
+        if head_state and head_weight is not None and head_state["weight"].shape == head_weight.shape:
+            self.head.load_state_dict(head_state)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (B, C)."""
+        return self.head(self.backbone(x)[0])
+
+    def forward_outputs(self, x: Tensor, with_block_norms: bool = False) -> ForwardOutputs:
+        """One forward pass giving logits, pooled features and (optionally) the
+        FeatureNorm of every residual block — everything the detectors read."""
+        features, block_norms = self.backbone(x, block_fn=feature_norm if with_block_norms else None)
+        return ForwardOutputs(
+            logits=self.head(features),
+            features=features,
+            block_norms=torch.stack(block_norms, dim=1) if block_norms is not None else None,
+        )
+
+    # ------------------------------------------------------------------- steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        logits = self(images)
+        if self.hparams["loss"] == "isomax_plus":
+            loss = isomax_plus_loss(logits, labels, self.hparams["entropic_scale"])
+        else:
+            loss = self.criterion(logits, labels)
+        self.train_accuracy(logits, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, labels, _ = batch
+        logits = self(images)
+        self.val_accuracy(logits, labels)
+        self.log("val/acc", self.val_accuracy, prog_bar=True, on_epoch=True)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Dataloader 0 is the ID test set, the others are OOD sets. The outputs of the one
+        forward pass are returned for :class:`~lightning_ood.callbacks.OODEvaluation`."""
+        images, labels, indices = batch
+        outputs = self.forward_outputs(images, with_block_norms=self._want_block_norms())
+        if dataloader_idx == 0:
+            self.test_accuracy(outputs.logits, labels)
+            self.log("test/acc", self.test_accuracy, on_epoch=True, add_dataloader_idx=False)
+        return {"outputs": outputs, "labels": labels, "indices": indices}
+
+    def _want_block_norms(self) -> bool:
+        return any(getattr(d, "requires_block_norms", False) for d in self.detectors.values())
+
+    # --------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=hp["lr"], momentum=hp["momentum"],
+            nesterov=hp["nesterov"], weight_decay=hp["weight_decay"],
+        )
+        if hp["scheduler"] == "none":
+            return optimizer
+        if hp["scheduler"] == "cosine":
+            max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        else:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, hp["milestones"] or [], hp["gamma"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,23 @@
+"""Where a run writes its files."""
+from __future__ import annotations
+
+import os
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+
+
+def run_directory(trainer: pl.Trainer) -> str:
+    """The run's own output folder, identical on every rank.
+
+    With W&B: ``<save_dir>/<project>/<run id>`` (the run id differs per run, so runs never
+    overwrite each other); with other loggers their versioned ``log_dir``; without a
+    logger ``default_root_dir``.
+    """
+    logger = trainer.logger
+    if isinstance(logger, WandbLogger):
+        path = None
+        if trainer.is_global_zero:
+            path = os.path.join(logger.save_dir or ".", str(logger.name or "lightning_ood"), str(logger.version))
+        return trainer.strategy.broadcast(path)
+    return trainer.log_dir or trainer.default_root_dir

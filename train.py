@@ -1,0 +1,8 @@
+"""Train an OOD-aware classifier: ``python train.py fit --config configs/quickstart.yaml``.
+
+With an ``OODEvaluation`` callback in the config, the run ends with the OOD report.
+"""
+from lightning_ood.cli import main
+
+if __name__ == "__main__":
+    main()
