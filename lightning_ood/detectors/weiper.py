@@ -78,8 +78,9 @@ def bin_indices(values: Tensor, lo: float, hi: float, n_bins: int) -> Tensor:
     ``floor((v - lo) * bin_scale(lo, hi, n_bins))`` in float32: bins are left-closed and
     the last one is closed (``hi`` itself lands in bin ``n_bins - 1``, as in
     ``torch.histc``). Values below ``lo`` get -1 and values above ``hi`` get ``n_bins``
-    (the two overflow bins); a value within a few float32 ulps above ``hi`` may still
-    count in the last bin.
+    (the two overflow bins). ``lo`` and ``hi`` are exact; a value within float32 rounding
+    of an interior edge (or a few ulps above ``hi``) may land on either side, as with the
+    authors' float32 edges.
 
     Args:
         values: float32 tensor of any shape (finite values).

@@ -122,9 +122,9 @@ def test_scores_match_reference(s1: int, s2: int) -> None:
 
 # --------------------------------------------------------------------------- pieces
 def test_hand_computed_histogram_smoothing_kl_msp() -> None:
-    values = torch.tensor([[0.0, 0.5, 1.0, 1.5, 2.0, -1.0, 3.0]])
+    values = torch.tensor([[0.0, 0.7, 1.2, 1.6, 2.0, -1.0, 3.0], [2.0, 2.0, 1.9, 0.1, 0.2, 0.3, 5.0]])
     counts = bin_counts(values, 0.0, 2.0, 4)  # bins [0,.5) [.5,1) [1,1.5) [1.5,2]
-    assert counts.tolist() == [[1, 1, 1, 2]]
+    assert counts.tolist() == [[1, 1, 1, 2], [3, 0, 0, 3]]
     a, b, c, d = 1.0, 2.0, 3.0, 4.0
     hist = torch.tensor([[a, b, c, d]])
     cases = {
