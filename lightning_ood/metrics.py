@@ -81,6 +81,17 @@ def ood_metrics(
     }
 
 
+def roc_curve_ood(id_scores: Tensor, ood_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(FPR, TPR) of the exact ROC curve with **OOD positive**: TPR = fraction of OOD
+    detected (score below threshold), FPR = fraction of ID flagged OOD."""
+    id_scores = _validated_scores("id_scores", id_scores)
+    ood_scores = _validated_scores("ood_scores", ood_scores)
+    scores = torch.cat([id_scores, ood_scores])
+    is_ood = torch.cat([torch.zeros_like(id_scores), torch.ones_like(ood_scores)]).long()
+    fpr, tpr, _ = _exact_metric(BinaryROC, -scores, is_ood)
+    return fpr, tpr
+
+
 class OODMetrics(Metric):
     """Stateful :func:`ood_metrics`: accumulate scores batch by batch, compute once.
 

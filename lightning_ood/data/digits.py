@@ -1,7 +1,7 @@
 """The embedded open-set benchmark: scikit-learn's bundled 8x8 handwritten digits.
 
 ID = a subset of the digit classes (default 0-5); near-OOD = the held-out digits (6-9);
-far-OOD = grayscale patches of the two photographs scikit-learn ships
+far-OOD = colour patches of the two photographs scikit-learn ships
 (``sklearn.datasets.load_sample_images``). Everything is on disk once scikit-learn is
 installed: no download. Images are upscaled to 32x32 and repeated to 3 channels.
 """
@@ -23,29 +23,27 @@ def load_digit_images(size: int = 32) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images.clamp(0, 1).repeat(1, 3, 1, 1), torch.as_tensor(digits.target, dtype=torch.long)
 
 
 def photo_patches(n: int = 500, size: int = 32, seed: int = 0) -> Tensor:
-    """``n`` random grayscale patches of scikit-learn's sample photographs, (n, 3, size, size)
-    in [0, 1], each contrast-stretched to [0, 1] like the digits."""
+    """``n`` random colour patches (32 to 128 px, resized to ``size``) of the two photographs
+    scikit-learn ships, as (n, 3, size, size) floats in [0, 1]."""
     from sklearn.datasets import load_sample_images
 
     generator = torch.Generator().manual_seed(seed)
-    photos = [torch.as_tensor(img, dtype=torch.float32).mean(-1) / 255.0 for img in load_sample_images().images]
+    photos = [torch.as_tensor(img, dtype=torch.float32).permute(2, 0, 1) / 255.0 for img in load_sample_images().images]
     patches = []
     for i in range(n):
         photo = photos[i % len(photos)]
         crop = int(torch.randint(size, 4 * size + 1, (1,), generator=generator))
-        top = int(torch.randint(0, photo.shape[0] - crop + 1, (1,), generator=generator))
-        left = int(torch.randint(0, photo.shape[1] - crop + 1, (1,), generator=generator))
-        patch = photo[top : top + crop, left : left + crop][None, None]
-        patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0]
-        lo, hi = patch.min(), patch.max()
-        patches.append((patch - lo) / (hi - lo).clamp_min(1e-6))
-    return torch.stack(patches).repeat(1, 3, 1, 1)
+        top = int(torch.randint(0, photo.shape[1] - crop + 1, (1,), generator=generator))
+        left = int(torch.randint(0, photo.shape[2] - crop + 1, (1,), generator=generator))
+        patch = photo[:, top : top + crop, left : left + crop][None]
+        patches.append(F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)[0])
+    return torch.stack(patches).clamp(0, 1)
 
 
 class DigitsDataModule(OODDataModule):

@@ -1,0 +1,258 @@
+"""OODEvaluation: attach post-hoc detectors at test time and report OOD metrics.
+
+Data flow: images -> model (one forward pass) -> ForwardOutputs -> every detector's score
+-> per-sample (index, label, scores) gathered across ranks -> padded duplicates dropped ->
+metrics per detector x OOD set -> table / JSON / CSV / W&B / plots.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
+from tqdm.auto import tqdm
+
+from lightning_ood import distributed
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.detectors import DETECTOR_NAMES, Detector, FitData, build_detector, detector_name
+from lightning_ood.detectors.functional import jigsaw
+from lightning_ood.report import build_results, write_report
+from lightning_ood.runs import run_directory
+
+#: Detectors attached when none are configured (the loss's native score is added).
+DEFAULT_DETECTORS = ("msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper", "featurenorm")
+NATIVE_SCORE = {"isomax_plus": "min_distance", "l2_norm": "penultimate_norm"}
+#: Detectors that shape the pooled features and assume them non-negative (post-ReLU).
+NONNEGATIVE_FEATURES = ("ash_p", "ash_b", "ash_s")
+
+
+def dataset_family(datamodule: OODDataModule) -> str:
+    """Which published defaults fit the ID data: ``cifar10``, ``cifar100`` or ``imagenet``."""
+    if datamodule.name in ("cifar10", "cifar100"):
+        return datamodule.name
+    return "imagenet" if datamodule.image_size > 64 else "cifar10"
+
+
+class OODEvaluation(pl.Callback):
+    """Evaluates post-hoc OOD detectors during ``trainer.test``.
+
+    The datamodule must be an :class:`~lightning_ood.data.OODDataModule`: test dataloader 0
+    is the ID test set, the others its OOD sets. Detectors that need ID statistics are
+    fitted first with one streamed, rank-sharded pass over (a class-balanced subset of)
+    the ID training images. Every test batch goes through the model once; all detectors
+    read that pass. The fitted detectors are stored in ``pl_module.detectors`` so
+    checkpoints carry them.
+
+    Args:
+        detectors: plain names (``msp``, ``energy``, ``ash_s``, ``weiper``,
+            ``featurenorm`` ...) or Detector instances (YAML ``class_path``/``init_args``).
+            ``None``: MSP, MaxLogit, Energy, ASH-P/B/S, WeiPer, FeatureNorm and the loss's
+            native score (MDS for ``isomax_plus``, the penultimate norm for ``l2_norm``).
+        fit_samples: ID training images used to fit detectors (class-balanced subset;
+            ``None`` = all).
+        jigsaw_seed: seed of the jigsaw permutations (FeatureNorm's NormRatio).
+        fpr95_positive: ``ood`` (OpenOOD convention, default) or ``id`` (ASH/FeatureNorm
+            papers).
+        output_dir: where results.json/csv and plots go (default: the run directory).
+        plots: save score histograms and ROC curves as PNGs (and log them to W&B).
+    """
+
+    def __init__(
+        self,
+        detectors: Optional[list[Union[str, Detector]]] = None,
+        fit_samples: Optional[int] = 5000,
+        jigsaw_seed: int = 0,
+        fpr95_positive: str = "ood",
+        output_dir: Optional[str] = None,
+        plots: bool = True,
+    ) -> None:
+        super().__init__()
+        if fpr95_positive not in ("ood", "id"):
+            raise ValueError(f"fpr95_positive must be 'ood' or 'id', got {fpr95_positive!r}")
+        for d in detectors or []:
+            if isinstance(d, str):
+                build_detector(d)  # fail fast on unknown names, listing the valid ones
+            elif not isinstance(d, Detector):
+                raise TypeError(f"detectors must be names ({', '.join(DETECTOR_NAMES)}) or Detector instances, got {d!r}")
+        self.detector_specs = list(detectors) if detectors is not None else None
+        self.fit_samples = fit_samples
+        self.jigsaw_seed = jigsaw_seed
+        self.fpr95_positive = fpr95_positive
+        self.output_dir = output_dir
+        self.plots = plots
+        self.skipped: dict[str, str] = {}
+        self.results: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "test":
+            return
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, OODDataModule):
+            raise TypeError("OODEvaluation needs an OODDataModule (ID test set + OOD sets) passed to trainer.test")
+        datamodule.setup("test")
+        if not datamodule.ood_test_sets:
+            raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
+        head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
+        specs = self.detector_specs
+        if specs is None:
+            specs = list(DEFAULT_DETECTORS)
+            native = NATIVE_SCORE.get(pl_module.hparams.get("loss", ""))
+            if native:
+                specs.append(native)
+        family = dataset_family(datamodule)
+        self.skipped = {}
+        attached: dict[str, Detector] = {}
+        for spec in specs:
+            detector = build_detector(spec, family) if isinstance(spec, str) else spec
+            name = detector_name(detector)
+            if name in attached:
+                raise ValueError(f"detector {name!r} is configured twice")
+            reason = detector.skip_reason(head, num_blocks)
+            if reason is not None:
+                self.skipped[name] = reason
+                continue
+            detector.attach(head, num_blocks)
+            attached[name] = detector
+        if any(d.requires_fit for d in attached.values()) and datamodule.fit_set is None:
+            raise ValueError("detectors " + ", ".join(n for n, d in attached.items() if d.requires_fit)
+                             + " need ID training statistics, but the datamodule has no training set")
+        pl_module.detectors.clear()
+        pl_module.detectors.update(attached)
+        self._datamodule = datamodule
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.detectors.to(pl_module.device)
+        to_fit = [d for d in pl_module.detectors.values() if d.requires_fit]
+        self._buffers: list[dict[str, list[Tensor]]] = [
+            {"indices": [], "labels": [], "scores": [], "predictions": []} for _ in self._loader_names()
+        ]
+        self._min_feature = torch.tensor(float("inf"), device=pl_module.device)
+        if to_fit:
+            data = self._fit_pass(trainer, pl_module, need_jigsaw=any(d.requires_jigsaw for d in to_fit))
+            with torch.inference_mode(False):
+                for detector in to_fit:
+                    detector.fit(data)
+
+    def _loader_names(self) -> list[str]:
+        return [self._datamodule.name] + list(self._datamodule.ood_test_sets)
+
+    def _fit_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, need_jigsaw: bool) -> FitData:
+        """One streamed pass over this rank's shard of the ID training subset."""
+        loader = self._datamodule.fit_dataloader(self.fit_samples)
+        need_blocks = any(d.requires_block_norms for d in pl_module.detectors.values())
+        features, block_norms, jigsaw_norms = [], [], []
+        with torch.inference_mode():
+            for images, _, indices in tqdm(loader, desc="Fitting detectors on ID training data",
+                                     disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
+                images = images.to(pl_module.device)
+                outputs = pl_module.forward_outputs(images, with_block_norms=need_blocks)
+                features.append(outputs.features)
+                if outputs.block_norms is not None:
+                    block_norms.append(outputs.block_norms)
+                if need_jigsaw:
+                    shuffled = self._jigsaw(images, indices)
+                    jigsaw_norms.append(pl_module.forward_outputs(shuffled, with_block_norms=True).block_norms)
+        width = pl_module.backbone.num_features
+        blocks = pl_module.backbone.num_blocks
+        cat = lambda xs, shape: torch.cat(xs).clone() if xs else torch.zeros(shape, device=pl_module.device)
+        return FitData(
+            features=cat(features, (0, width)),
+            block_norms=cat(block_norms, (0, blocks)) if need_blocks else None,
+            jigsaw_block_norms=cat(jigsaw_norms, (0, blocks)) if need_jigsaw else None,
+        )
+
+    def _jigsaw(self, images: Tensor, indices: Tensor) -> Tensor:
+        """Jigsaw versions of normalised images, each permutation seeded by the sample's
+        index, so 1 or N ranks shuffle every image identically. The border left over by the
+        tiles is 0 in normalised space (the dataset's mean colour)."""
+        shuffled = [
+            jigsaw(image[None], generator=torch.Generator(device=images.device).manual_seed(
+                self.jigsaw_seed * 1_000_003 + int(index)))
+            for image, index in zip(images, indices)
+        ]
+        return torch.cat(shuffled)
+
+    # -------------------------------------------------------------- test pass
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        forward = outputs["outputs"]
+        self._min_feature = torch.minimum(self._min_feature, forward.features.min())
+        scores, predictions = [], [forward.logits.argmax(1)]
+        for detector in pl_module.detectors.values():
+            scores.append(detector(forward).float())
+            if detector.changes_logits and dataloader_idx == 0:
+                predictions.append(detector.shaped_logits(forward).argmax(1))
+        buffer = self._buffers[dataloader_idx]
+        buffer["indices"].append(outputs["indices"])
+        buffer["labels"].append(outputs["labels"])
+        buffer["scores"].append(torch.stack(scores, 1) if scores else forward.logits.new_zeros(len(forward.logits), 0))
+        if dataloader_idx == 0:
+            buffer["predictions"].append(torch.stack(predictions, 1))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = [detector_name(d) for d in pl_module.detectors.values()]
+        per_set = [self._gather(buffer) for buffer in self._buffers]
+        expected = [len(self._datamodule.test_set)] + [len(d) for d in self._datamodule.ood_test_sets.values()]
+        for set_name, data, n in zip(self._loader_names(), per_set, expected):
+            if len(data["indices"]) != n:
+                raise RuntimeError(f"{set_name}: gathered {len(data['indices'])} distinct samples, dataset has {n}")
+        keep = list(range(len(names)))
+        # every rank takes part in this reduction, so all ranks skip the same detectors
+        min_feature = float(distributed.all_reduce(self._min_feature, "min"))
+        if min_feature < 0:
+            for i, name in enumerate(names):
+                if name in NONNEGATIVE_FEATURES:
+                    self.skipped[name] = (f"features can be negative (min {min_feature:.3g}); ASH assumes "
+                                          "post-ReLU features")
+            keep = [i for i in keep if names[i] not in NONNEGATIVE_FEATURES]
+        self.results = build_results(
+            id_name=self._datamodule.name,
+            set_names=self._loader_names(),
+            groups=self._datamodule.ood_groups(),
+            per_set=per_set,
+            detector_names=names,
+            kept=keep,
+            changes_logits=[d.changes_logits for d in pl_module.detectors.values()],
+            skipped=self.skipped,
+            detector_info={n: describe(d) for n, d in zip(names, pl_module.detectors.values())},
+            fpr95_positive=self.fpr95_positive,
+            devices=trainer.world_size,
+        )
+        output_dir = self.output_dir or run_directory(trainer)
+        if trainer.is_global_zero:
+            write_report(self.results, per_set, self._loader_names(), names, keep, output_dir,
+                         plots=self.plots, loggers=trainer.loggers)
+
+    @staticmethod
+    def _gather(buffer: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+        """Concatenate, gather across ranks, drop padded duplicates, sort by index."""
+        out = {}
+        for key, chunks in buffer.items():
+            if not chunks:
+                continue
+            local = torch.cat(chunks)
+            out[key] = torch.cat(gather_all_tensors(local)) if distributed.is_distributed() else local
+        order = torch.argsort(out["indices"], stable=True)
+        sorted_indices = out["indices"][order]
+        first = torch.ones_like(sorted_indices, dtype=torch.bool)
+        first[1:] = sorted_indices[1:] != sorted_indices[:-1]
+        return {key: value[order][first].cpu() for key, value in out.items()}
+
+
+def describe(detector: Detector) -> dict[str, Any]:
+    """What a detector chose or learned, for the report (percentile, block, ratios ...)."""
+    info: dict[str, Any] = {"class": type(detector).__name__}
+    for attr in ("variant", "percentile", "n_repeats", "delta", "n_bins", "lambda1", "lambda2",
+                 "smoothing", "smoothing_perturbed", "seed"):
+        if hasattr(detector, attr):
+            info[attr] = getattr(detector, attr)
+    for buffer in ("selected_block", "num_fit_images", "ratios", "n_train"):
+        value = getattr(detector, buffer, None)
+        if isinstance(value, Tensor):
+            info[buffer] = value.tolist()
+    return info
