@@ -6,7 +6,7 @@ metrics per detector x OOD set -> table / JSON / CSV / W&B / plots.
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
@@ -59,6 +59,8 @@ class OODEvaluation(pl.Callback):
             papers).
         output_dir: where results.json/csv and plots go (default: the run directory).
         plots: save score histograms and ROC curves as PNGs (and log them to W&B).
+        keep_id_fraction: per-detector thresholds stored in the results keep this fraction
+            of the ID test samples (score >= threshold = ID).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class OODEvaluation(pl.Callback):
         fpr95_positive: str = "ood",
         output_dir: Optional[str] = None,
         plots: bool = True,
+        keep_id_fraction: float = 0.95,
     ) -> None:
         super().__init__()
         if fpr95_positive not in ("ood", "id"):
@@ -84,6 +87,9 @@ class OODEvaluation(pl.Callback):
         self.fpr95_positive = fpr95_positive
         self.output_dir = output_dir
         self.plots = plots
+        if not 0 < keep_id_fraction <= 1:
+            raise ValueError(f"keep_id_fraction must be in (0, 1], got {keep_id_fraction}")
+        self.keep_id_fraction = keep_id_fraction
         self.skipped: dict[str, str] = {}
         self.results: Optional[dict[str, Any]] = None
 
@@ -97,7 +103,6 @@ class OODEvaluation(pl.Callback):
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
-        head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
         specs = self.detector_specs
         if specs is None:
             specs = list(DEFAULT_DETECTORS)
@@ -105,28 +110,33 @@ class OODEvaluation(pl.Callback):
             if native:
                 specs.append(native)
         family = dataset_family(datamodule)
-        self.skipped = {}
-        attached: dict[str, Detector] = {}
+        head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
+        self.skipped, self._to_attach = {}, {}
         for spec in specs:
             detector = build_detector(spec, family) if isinstance(spec, str) else spec
             name = detector_name(detector)
-            if name in attached:
+            if name in self._to_attach or name in self.skipped:
                 raise ValueError(f"detector {name!r} is configured twice")
             reason = detector.skip_reason(head, num_blocks)
             if reason is not None:
                 self.skipped[name] = reason
-                continue
-            detector.attach(head, num_blocks)
-            attached[name] = detector
-        if any(d.requires_fit for d in attached.values()) and datamodule.fit_set is None:
-            raise ValueError("detectors " + ", ".join(n for n, d in attached.items() if d.requires_fit)
-                             + " need ID training statistics, but the datamodule has no training set")
-        pl_module.detectors.clear()
-        pl_module.detectors.update(attached)
+            else:
+                self._to_attach[name] = detector
+        needs_fit = [n for n, d in self._to_attach.items() if d.requires_fit]
+        if needs_fit and datamodule.fit_set is None:
+            raise ValueError(f"detectors {', '.join(needs_fit)} need ID training statistics, "
+                             "but the datamodule has no training set")
         self._datamodule = datamodule
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.detectors.to(pl_module.device)
+        # Attached here, after Lightning restored any ckpt_path (detectors are not in a
+        # training checkpoint), outside inference mode so their buffers stay writable.
+        with torch.inference_mode(False):
+            for detector in self._to_attach.values():
+                detector.attach(pl_module.head, pl_module.backbone.num_blocks)
+            pl_module.detectors.clear()
+            pl_module.detectors.update(self._to_attach)
+            pl_module.detectors.to(pl_module.device)
         to_fit = [d for d in pl_module.detectors.values() if d.requires_fit]
         self._buffers: list[dict[str, list[Tensor]]] = [
             {"indices": [], "labels": [], "scores": [], "predictions": []} for _ in self._loader_names()
@@ -223,7 +233,11 @@ class OODEvaluation(pl.Callback):
             fpr95_positive=self.fpr95_positive,
             devices=trainer.world_size,
         )
+        self.results["thresholds"] = {
+            names[i]: id_threshold(per_set[0]["scores"][:, i], self.keep_id_fraction) for i in keep
+        }
         output_dir = self.output_dir or run_directory(trainer)
+        self.output_dir_used = output_dir
         if trainer.is_global_zero:
             write_report(self.results, per_set, self._loader_names(), names, keep, output_dir,
                          plots=self.plots, loggers=trainer.loggers)
@@ -242,6 +256,14 @@ class OODEvaluation(pl.Callback):
         first = torch.ones_like(sorted_indices, dtype=torch.bool)
         first[1:] = sorted_indices[1:] != sorted_indices[:-1]
         return {key: value[order][first].cpu() for key, value in out.items()}
+
+
+def id_threshold(id_scores: Tensor, keep_fraction: float = 0.95) -> float:
+    """The score threshold that keeps ``keep_fraction`` of ID samples (score >= threshold
+    counts as ID): the largest t with at least ``keep_fraction`` of ID scores >= t."""
+    ordered = torch.sort(id_scores.double(), descending=True).values
+    position = max(math.ceil(keep_fraction * len(ordered) - 1e-9) - 1, 0)
+    return float(ordered[position])
 
 
 def describe(detector: Detector) -> dict[str, Any]:

@@ -64,6 +64,61 @@ class OODCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+class EvaluateCLI(LightningCLI):
+    """``evaluate.py``: OOD evaluation without training.
+
+    The model is an :class:`OODClassifier` (default; ``--ckpt_path`` restores trained
+    weights, ``--model.pretrained`` loads a torchvision ResNet file) or any LightningModule
+    class path, e.g. :class:`~lightning_ood.posthoc.PostHocClassifier` for a user's own
+    ``nn.Module``. An :class:`~lightning_ood.callbacks.OODEvaluation` callback is added
+    with its defaults when the config has none.
+    """
+
+    def __init__(self, args: Optional[list[str]] = None) -> None:
+        super().__init__(
+            pl.LightningModule, OODDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_callback=None, run=False, args=args,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="training checkpoint (.ckpt) of an OODClassifier to evaluate")
+        parser.set_defaults({"model": {"class_path": "lightning_ood.module.OODClassifier"}})
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def run(self) -> None:
+        from lightning_ood.callbacks import OODEvaluation
+
+        ckpt_path = self.config.get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint_fits(ckpt_path, self.model)
+        if not any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(OODEvaluation())
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def check_checkpoint_fits(path: str, model: pl.LightningModule) -> None:
+    """Fail fast, with the differing settings named, when a training checkpoint does not
+    belong to ``model``'s architecture or class count."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupted or not a torch file
+        raise ValueError(f"{path} is not a readable Lightning checkpoint: {err}") from err
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning training checkpoint of lightning_ood (no hyper_parameters/state_dict)")
+    keys = ("backbone", "loss", "num_classes", "width", "cifar_stem")
+    differing = {k: (saved.get(k), model.hparams.get(k)) for k in keys if k in saved and saved.get(k) != model.hparams.get(k)}
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in differing.items())
+        raise ValueError(f"{path} was trained with a different setup ({details}); "
+                         "use the config the checkpoint was trained with (num_classes comes from the data)")
+
+
 def use_wandb_offline_without_account() -> None:
     """Run W&B offline when no account is configured (no API key, no login, no mode)."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
@@ -79,3 +134,11 @@ def main(args: Optional[list[str]] = None) -> OODCLI:
     """Entry point of ``train.py``."""
     use_wandb_offline_without_account()
     return OODCLI(args=args)
+
+
+def evaluate_main(args: Optional[list[str]] = None) -> EvaluateCLI:
+    """Entry point of ``evaluate.py``."""
+    use_wandb_offline_without_account()
+    cli = EvaluateCLI(args=args)
+    cli.run()
+    return cli

@@ -20,4 +20,6 @@ def run_directory(trainer: pl.Trainer) -> str:
         if trainer.is_global_zero:
             path = os.path.join(logger.save_dir or ".", str(logger.name or "lightning_ood"), str(logger.version))
         return trainer.strategy.broadcast(path)
+    if logger is None:
+        return os.path.join(trainer.default_root_dir, "results")
     return trainer.log_dir or trainer.default_root_dir
