@@ -5,6 +5,7 @@ from typing import Literal, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -36,6 +37,10 @@ class OODClassifier(pl.LightningModule):
         milestones, gamma: multi-step schedule.
         pretrained: path of a torchvision ResNet ``state_dict`` file to start from (its
             ``fc`` is loaded into a ``ce``/``l2_norm`` head when the shapes match).
+        channels_last: store the backbone's weights and inputs in channels-last memory
+            format (faster convolutions on recent GPUs with mixed precision).
+        compile: ``torch.compile`` the backbone at the start of fitting (GPU speed-up;
+            falls back to eager mode with a warning if compilation is unavailable).
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class OODClassifier(pl.LightningModule):
         milestones: Optional[list[int]] = None,
         gamma: float = 0.1,
         pretrained: Optional[str] = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -66,11 +73,14 @@ class OODClassifier(pl.LightningModule):
         self.head = build_head(loss, self.backbone.num_features, num_classes, l2_temperature)
         self.criterion = build_loss(loss)
         self.detectors = nn.ModuleDict()
+        self._compiled_backbone: Optional[nn.Module] = None
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
         if pretrained:
             self.load_torchvision_weights(pretrained)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     @property
     def num_classes(self) -> int:
@@ -94,17 +104,32 @@ class OODClassifier(pl.LightningModule):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, C)."""
-        return self.head(self.backbone(x)[0])
+        return self.head(self._backbone(x)[0])
+
+    def _backbone(self, x: Tensor, block_fn=None) -> tuple[Tensor, Optional[list[Tensor]]]:
+        if self.hparams.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        if block_fn is None and self._compiled_backbone is not None:
+            return self._compiled_backbone(x)
+        return self.backbone(x, block_fn=block_fn)
 
     def forward_outputs(self, x: Tensor, with_block_norms: bool = False) -> ForwardOutputs:
         """One forward pass giving logits, pooled features and (optionally) the
         FeatureNorm of every residual block — everything the detectors read."""
-        features, block_norms = self.backbone(x, block_fn=feature_norm if with_block_norms else None)
+        features, block_norms = self._backbone(x, block_fn=feature_norm if with_block_norms else None)
         return ForwardOutputs(
             logits=self.head(features),
             features=features,
             block_norms=torch.stack(block_norms, dim=1) if block_norms is not None else None,
         )
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("compile") and self._compiled_backbone is None:
+            try:
+                # kept out of the module tree: its parameters are the backbone's own
+                object.__setattr__(self, "_compiled_backbone", torch.compile(self.backbone))
+            except Exception as err:  # no compiler toolchain: keep eager mode
+                rank_zero_warn(f"torch.compile unavailable ({err}); training in eager mode")
 
     # ------------------------------------------------------------------- steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
