@@ -1,3 +1,16 @@
 """lightning_ood: PyTorch Lightning image classifiers that know when they don't know."""
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def load(path: Any, map_location: Any = None) -> Any:
+    """Load a model with its fitted OOD detectors (``model_with_detectors.ckpt``).
+
+    ``model(model.preprocess(images))`` then gives ``{"logits", "scores", "is_ood"}``;
+    see :func:`lightning_ood.export.load` (imported lazily, so ``import lightning_ood``
+    stays light).
+    """
+    from lightning_ood.export import load as _load
+
+    return _load(path, map_location=map_location)

@@ -7,21 +7,23 @@ metrics per detector x OOD set -> table / JSON / CSV / W&B / plots.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm.auto import tqdm
 
 from lightning_ood import distributed
-from lightning_ood.data.base import OODDataModule
-from lightning_ood.detectors import DETECTOR_NAMES, Detector, FitData, build_detector, detector_name
+from lightning_ood.data.base import OODDataModule, OODSet
+from lightning_ood.detectors import DETECTOR_NAMES, Detector, FitData, ForwardOutputs, build_detector, detector_name
 from lightning_ood.detectors.functional import jigsaw
 from lightning_ood.report import build_results, write_report
 from lightning_ood.runs import run_directory
+from lightning_ood.tuning import ASH_PERCENTILES, TUNING_MODES, TuningData, concat_outputs, is_tunable, tune_detectors
 
 #: Detectors attached when none are configured (the loss's native score is added).
 DEFAULT_DETECTORS = ("msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper", "featurenorm")
@@ -61,6 +63,17 @@ class OODEvaluation(pl.Callback):
         plots: save score histograms and ROC curves as PNGs (and log them to W&B).
         keep_id_fraction: per-detector thresholds stored in the results keep this fraction
             of the ID test samples (score >= threshold = ID).
+        tune: how ASH's percentile and WeiPer's hyper-parameters are chosen:
+            ``jigsaw`` (default: held-out ID validation images vs their jigsaw versions),
+            ``ood_val`` (against ``ood_val_sets``, OpenOOD's protocol) or ``defaults``
+            (the published values, for reproducing papers). Never uses the test sets.
+        tune_samples: at most this many ID validation images are used for tuning.
+        ood_val_sets: OOD validation sets for ``tune="ood_val"`` (never the test sets).
+        ash_percentiles: ASH percentile grid (0-100 scale).
+        weiper_grid: overrides of WeiPer's grid, e.g. ``{"delta": [1.2, 1.8]}``.
+        save_checkpoint: write ``<output_dir>/model_with_detectors.ckpt`` (rank 0): the model,
+            its fitted detectors, preprocessing and thresholds in one file for
+            ``lightning_ood.load`` (also logged as a W&B artifact when W&B is the logger).
     """
 
     def __init__(
@@ -72,6 +85,12 @@ class OODEvaluation(pl.Callback):
         output_dir: Optional[str] = None,
         plots: bool = True,
         keep_id_fraction: float = 0.95,
+        tune: str = "jigsaw",
+        tune_samples: Optional[int] = 1000,
+        ood_val_sets: Optional[list[OODSet]] = None,
+        ash_percentiles: Sequence[float] = ASH_PERCENTILES,
+        weiper_grid: Optional[dict[str, list[float]]] = None,
+        save_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         if fpr95_positive not in ("ood", "id"):
@@ -90,6 +109,18 @@ class OODEvaluation(pl.Callback):
         if not 0 < keep_id_fraction <= 1:
             raise ValueError(f"keep_id_fraction must be in (0, 1], got {keep_id_fraction}")
         self.keep_id_fraction = keep_id_fraction
+        if tune not in TUNING_MODES:
+            raise ValueError(f"tune must be one of {', '.join(TUNING_MODES)}, got {tune!r}")
+        if tune == "ood_val" and not ood_val_sets:
+            raise ValueError("tune='ood_val' needs ood_val_sets (OOD validation sets, never the test sets)")
+        self.tune = tune
+        self.tune_samples = tune_samples
+        self.ood_val_sets = [v if isinstance(v, OODSet) else OODSet(**v) for v in (ood_val_sets or [])]
+        self.ash_percentiles = tuple(ash_percentiles)
+        self.weiper_grid = weiper_grid
+        self.save_checkpoint = save_checkpoint
+        self.checkpoint_path: Optional[str] = None
+        self.tuning: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.results: Optional[dict[str, Any]] = None
 
@@ -103,6 +134,10 @@ class OODEvaluation(pl.Callback):
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
+        groups = datamodule.ood_groups()
+        rank_zero_info(f"ID test set {datamodule.name}: {len(datamodule.test_set)} images")
+        for name, dataset in datamodule.ood_test_sets.items():
+            rank_zero_info(f"OOD set {name}: {len(dataset)} images ({groups[name]})")
         specs = self.detector_specs
         if specs is None:
             specs = list(DEFAULT_DETECTORS)
@@ -142,11 +177,59 @@ class OODEvaluation(pl.Callback):
             {"indices": [], "labels": [], "scores": [], "predictions": []} for _ in self._loader_names()
         ]
         self._min_feature = torch.tensor(float("inf"), device=pl_module.device)
+        fit_data = None
         if to_fit:
-            data = self._fit_pass(trainer, pl_module, need_jigsaw=any(d.requires_jigsaw for d in to_fit))
+            fit_data = self._fit_pass(trainer, pl_module, need_jigsaw=any(d.requires_jigsaw for d in to_fit))
             with torch.inference_mode(False):
                 for detector in to_fit:
-                    detector.fit(data)
+                    detector.fit(fit_data)
+        self.tuning = {}
+        tunable = [d for d in pl_module.detectors.values() if is_tunable(d)]
+        if self.tune != "defaults" and tunable:
+            data = self._tuning_data(trainer, pl_module)
+            if data is None:
+                self.tuning = {detector_name(d): {"mode": "defaults", "note": "no ID validation images "
+                               "(data val_size is 0): published defaults kept"} for d in tunable}
+            else:
+                with torch.inference_mode(False):
+                    self.tuning = tune_detectors(tunable, data, fit_data, self.ash_percentiles, self.weiper_grid)
+        elif tunable:
+            self.tuning = {detector_name(d): {"mode": "defaults"} for d in tunable}
+
+    def _forward_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, desc: str,
+                     jigsaw_too: bool = False) -> tuple[ForwardOutputs, Optional[ForwardOutputs]]:
+        """Every rank runs the whole (small) dataset, so all ranks tune identically."""
+        loader = DataLoader(dataset, batch_size=self._datamodule.batch_size, shuffle=False)
+        plain, shuffled = [], []
+        with torch.inference_mode():
+            for images, _, indices in tqdm(loader, desc=desc, disable=not trainer.is_global_zero
+                                           or not trainer.progress_bar_callback):
+                images = images.to(pl_module.device)
+                plain.append(pl_module.forward_outputs(images))
+                if jigsaw_too:
+                    shuffled.append(pl_module.forward_outputs(self._jigsaw(images, indices)))
+        return concat_outputs(plain), (concat_outputs(shuffled) if jigsaw_too else None)
+
+    def _tuning_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[TuningData]:
+        """Cached outputs of ID validation images and their jigsaw versions (or the OOD
+        validation sets): one forward pass, reused by every grid point."""
+        val_set = self._datamodule.val_set
+        if val_set is None or len(val_set) == 0:
+            return None
+        n = len(val_set) if self.tune_samples is None else min(self.tune_samples, len(val_set))
+        subset = Subset(val_set, range(n))
+        if self.tune == "jigsaw":
+            id_outputs, jig = self._forward_all(trainer, pl_module, subset, "Tuning: ID validation + jigsaw",
+                                                jigsaw_too=True)
+            return TuningData(id_outputs, jig, "jigsaw", f"{n} ID validation images (held out from training) "
+                              "vs their jigsaw versions")
+        id_outputs, _ = self._forward_all(trainer, pl_module, subset, "Tuning: ID validation")
+        ood = [self._forward_all(trainer, pl_module, self._datamodule.build_ood(spec), f"Tuning: {spec.name}")[0]
+               for spec in self.ood_val_sets]
+        ood_outputs = concat_outputs(ood)
+        names = ", ".join(spec.name for spec in self.ood_val_sets)
+        return TuningData(id_outputs, ood_outputs, "ood_val",
+                          f"{n} ID validation images vs {len(ood_outputs.logits)} OOD validation images ({names})")
 
     def _loader_names(self) -> list[str]:
         return [self._datamodule.name] + list(self._datamodule.ood_test_sets)
@@ -233,6 +316,7 @@ class OODEvaluation(pl.Callback):
             fpr95_positive=self.fpr95_positive,
             devices=trainer.world_size,
         )
+        self.results["tuning"] = self.tuning
         self.results["thresholds"] = {
             names[i]: id_threshold(per_set[0]["scores"][:, i], self.keep_id_fraction) for i in keep
         }
@@ -241,6 +325,10 @@ class OODEvaluation(pl.Callback):
         if trainer.is_global_zero:
             write_report(self.results, per_set, self._loader_names(), names, keep, output_dir,
                          plots=self.plots, loggers=trainer.loggers)
+        if self.save_checkpoint and trainer.is_global_zero:
+            from lightning_ood.export import save_after_evaluation
+
+            self.checkpoint_path = save_after_evaluation(trainer, pl_module, output_dir, self.results["thresholds"])
 
     @staticmethod
     def _gather(buffer: dict[str, list[Tensor]]) -> dict[str, Tensor]:

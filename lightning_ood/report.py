@@ -86,6 +86,13 @@ def summary_text(results: dict[str, Any]) -> str:
     positive = "OOD" if results["fpr95_positive"] == "ood" else "ID"
     lines += ["", "AUROC % (higher is better)", format_table(results, "auroc"), "",
               f"FPR@95%TPR % (lower is better; positive class = {positive})", format_table(results, "fpr95")]
+    for name, entry in results.get("tuning", {}).items():
+        if "parameters" in entry:
+            chosen = ", ".join(f"{k}={v}" for k, v in entry["parameters"].items())
+            default = ", ".join(f"{k}={v}" for k, v in entry["default"].items())
+            lines.append(f"tuned {name} on {entry['split']}: {chosen} (published default: {default})")
+        else:
+            lines.append(f"{name}: published defaults ({entry.get('note', 'tune=defaults')})")
     for name, reason in results["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
 from lightning_ood.distributed import rank_and_world
@@ -107,6 +107,10 @@ class OODDataModule(pl.LightningDataModule):
         val_size: ID training images held out (seeded) for validation and detector tuning.
         ood_sets: OOD test sets, each with a near/far group.
         seed: seed of the splits.
+        device_loader: train from a :class:`~lightning_ood.data.device_loader.DeviceLoader`
+            (training set held on the accelerator, crop/flip done there in batches) instead
+            of a ``DataLoader``; falls back to the ``DataLoader`` with a warning when
+            :meth:`train_tensors` gives nothing or the augmentation is not crop + flip.
     """
 
     name: str = ""
@@ -124,6 +128,7 @@ class OODDataModule(pl.LightningDataModule):
         val_size: int = 1000,
         ood_sets: Optional[list[OODSet]] = None,
         seed: int = 0,
+        device_loader: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -135,6 +140,7 @@ class OODDataModule(pl.LightningDataModule):
         self.val_size = val_size
         self.ood_sets = [s if isinstance(s, OODSet) else OODSet(**s) for s in (ood_sets or [])]
         self.seed = seed
+        self.device_loader = device_loader
         self.train_set: Optional[IndexedDataset] = None
         self.fit_set: Optional[IndexedDataset] = None
         self.val_set: Optional[IndexedDataset] = None
@@ -182,8 +188,24 @@ class OODDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_tensors(self) -> Optional[tuple[Tensor, Tensor]]:
+        """The training split as ``(images, labels)`` tensors in ``train_set`` order, images
+        (N, C, H, W) uint8 (0..255) or float ([0, 1]), before augmentation and normalisation;
+        ``None`` when not available (then ``device_loader`` falls back to a DataLoader).
+        This default reads a ``TensorDataset``; subclasses override it for other storage."""
+        dataset = self.train_set.dataset if self.train_set is not None else None
+        if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+            return dataset.tensors[0], dataset.tensors[1]
+        return None
+
+    def train_dataloader(self) -> Union[DataLoader, Iterable]:
         assert self.train_set is not None
+        if self.device_loader:
+            from lightning_ood.data.device_loader import device_train_loader
+
+            loader = device_train_loader(self)
+            if loader is not None:
+                return loader
         return self._loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:

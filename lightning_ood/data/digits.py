@@ -72,10 +72,11 @@ class DigitsDataModule(OODDataModule):
         seed: int = 0,
         root: str = "data",
         download: bool = False,
+        device_loader: bool = False,
     ) -> None:
         if ood_sets is None:
             ood_sets = [OODSet("digits_heldout", "near"), OODSet("photo_patches", "far")]
-        super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed)
+        super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed, device_loader)
         id_classes = sorted(set(int(c) for c in id_classes))
         if len(id_classes) < 2 or not set(id_classes) <= set(range(10)):
             raise ValueError(f"id_classes must be at least two distinct digits in 0-9, got {id_classes}")

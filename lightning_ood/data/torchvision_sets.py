@@ -58,8 +58,9 @@ class _TorchvisionDataModule(OODDataModule):
         seed: int = 0,
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
+        device_loader: bool = False,
     ) -> None:
-        super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed)
+        super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed, device_loader)
         self.mean = tuple(mean) if mean is not None else type(self).mean
         self.std = tuple(std) if std is not None else type(self).std
 
@@ -86,6 +87,18 @@ class _TorchvisionDataModule(OODDataModule):
             "test": IndexedDataset(test, test_tf),
             "train_labels": labels[train_idx],
         }
+
+    def train_tensors(self) -> Optional[tuple[Tensor, Tensor]]:
+        """The training split as uint8 (N, 3, H, W) images and labels (for ``device_loader``)."""
+        subset = self.train_set.dataset if self.train_set is not None else None
+        data = getattr(getattr(subset, "dataset", None), "data", None)
+        if not isinstance(subset, Subset) or data is None:
+            return None
+        images = torch.as_tensor(data)
+        if images.dim() == 4 and images.shape[-1] == 3:  # CIFAR stores (N, H, W, C)
+            images = images.permute(0, 3, 1, 2)
+        index = torch.as_tensor(subset.indices, dtype=torch.long)
+        return images[index].contiguous(), _labels_of(subset.dataset)[index]
 
 
 class CIFAR10DataModule(_TorchvisionDataModule):

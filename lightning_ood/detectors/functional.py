@@ -32,7 +32,13 @@ def check_finite(tensor: Tensor, what: str) -> None:
     Args:
         tensor: any tensor.
         what: name used in the error message (e.g. ``"ASH input features"``).
+
+    Under ``torch.export`` the check cannot branch on tensor values; it becomes a runtime
+    assertion inside the exported program (``RuntimeError`` with the same message).
     """
+    if torch.compiler.is_exporting():
+        torch._assert_async(torch.isfinite(tensor).all(), f"{what} contain NaN or infinite values")
+        return
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(
             f"{what} contain NaN or infinite values; the model's forward pass produced "

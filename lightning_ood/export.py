@@ -1,0 +1,1020 @@
+"""One file that answers "which class, and is this input familiar?".
+
+Train once, evaluate once (``OODEvaluation`` writes ``model_with_detectors.ckpt`` next to
+its report), deploy one file::
+
+    import lightning_ood
+    model = lightning_ood.load("model_with_detectors.ckpt")
+    out = model(model.preprocess(images))   # {"logits", "scores", "is_ood"}
+
+* :func:`save_with_detectors` writes a model with its fitted detectors, its preprocessing
+  and its per-detector thresholds as a dict of tensors and plain Python values only: it
+  loads with ``torch.load(path, weights_only=True)`` and never unpickles code.
+* :func:`load` rebuilds it as an :class:`OODModel` (backbone + head + detectors, eval mode)
+  and raises :class:`CheckpointError` (a ``ValueError``) naming the problem and the fix for
+  files that are truncated, corrupted, not ours, too new or that do not fit their config.
+* :func:`export_program` writes a ``torch.export`` program (``.pt2``, dynamic batch
+  dimension) computing logits, every exportable detector's score and ``is_ood``; also
+  ``python -m lightning_ood.export CKPT --out model.pt2``.
+
+File layout (``format_version`` 1)::
+
+    {"format": "lightning_ood", "format_version": 1, "lightning_ood_version": str,
+     "torch_version": str,
+     "model": {"class": "OODClassifier", "hparams": {backbone, loss, num_classes, ...}},
+     "detectors": [{"name": str, "class": str, "init_args": {...}}, ...],
+     "state_dict": {name: Tensor},        # backbone.*, head.*, detectors.<name>.*
+     "preprocessing": {image_size, resize_size, crop_size, interpolation, mean, std} | None,
+     "thresholds": {detector name: float}}   # score < threshold -> OOD
+
+Writes are atomic: a temporary file in the destination folder, ``fsync``, then
+``os.replace``, so an interrupted save never leaves a partial file under the final name and
+an existing file stays intact until the new one is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import json
+import math
+import numbers
+import os
+import pickle
+import sys
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ood import __version__
+from lightning_ood.detectors import ASH, Detector, FeatureNorm, ForwardOutputs, WeiPer
+from lightning_ood.detectors import __all__ as _detector_exports
+from lightning_ood.detectors import functional as F_det
+from lightning_ood.detectors.weiper import bin_scale, perturbed_msp_sum, symmetric_kl
+from lightning_ood.module import OODClassifier
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+FORMAT = "lightning_ood"
+#: Bumped whenever a reader of the previous version could misread a new file.
+FORMAT_VERSION = 1
+#: File name written by ``OODEvaluation`` into its output folder.
+CHECKPOINT_NAME = "model_with_detectors.ckpt"
+#: Name of the JSON metadata stored inside ``.pt2`` files (``extra_files``).
+PROGRAM_METADATA = "lightning_ood.json"
+
+__all__ = [
+    "CHECKPOINT_NAME", "FORMAT", "FORMAT_VERSION", "CheckpointError", "OODModel",
+    "detector_classes", "export_program", "load", "load_program", "main",
+    "preprocessing_from_datamodule", "save_with_detectors",
+]
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be written or read; the message names the problem and the fix."""
+
+
+def detector_classes() -> dict[str, type[Detector]]:
+    """The allow-list of detector classes a model file may name (those of
+    :mod:`lightning_ood.detectors`), by class name."""
+    import lightning_ood.detectors as detectors
+
+    classes = {}
+    for name in _detector_exports:
+        obj = getattr(detectors, name)
+        if isinstance(obj, type) and issubclass(obj, Detector) and obj is not Detector:
+            classes[obj.__name__] = obj
+    return classes
+
+
+# --------------------------------------------------------------------------- the model
+class OODModel(nn.Module):
+    """A trained classifier with its fitted OOD detectors, ready for inference.
+
+    ``forward(x)`` runs the network **once** (per-block FeatureNorms are computed only
+    when a detector reads them) and returns::
+
+        {"logits": (B, C),
+         "scores": {detector name: (B,)},       # higher = more in-distribution
+         "is_ood": {detector name: bool (B,)}}  # only when thresholds were saved
+
+    ``is_ood`` is always returned when the file holds thresholds (``OODEvaluation`` stores,
+    per detector, the score that keeps 95 % of the ID test set); it holds the detectors that
+    have one, and ``score < threshold`` means OOD. ``x`` is a normalised float batch
+    (B, 3, H, W); :meth:`preprocess` makes one from raw images.
+
+    Attributes:
+        classifier: the :class:`~lightning_ood.module.OODClassifier` (backbone, head and
+            ``detectors``); its ``forward_outputs`` is the one forward pass used here.
+        thresholds: detector name -> score threshold.
+        preprocessing: ``image_size``, ``resize_size``, ``crop_size``, ``interpolation``,
+            ``mean``, ``std`` of the ID test transform, or ``None``.
+    """
+
+    def __init__(
+        self,
+        classifier: OODClassifier,
+        thresholds: Optional[Mapping[str, float]] = None,
+        preprocessing: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.thresholds = _check_thresholds(thresholds, list(classifier.detectors))
+        self.preprocessing = _check_preprocessing(preprocessing)
+
+    @property
+    def detectors(self) -> nn.ModuleDict:
+        """The fitted detectors, by name (``classifier.detectors``)."""
+        return self.classifier.detectors
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    @property
+    def needs_block_norms(self) -> bool:
+        """Whether some detector reads the per-block FeatureNorms."""
+        return any(getattr(d, "requires_block_norms", False) for d in self.detectors.values())
+
+    def forward_outputs(self, x: Tensor) -> ForwardOutputs:
+        """Logits, pooled features and (when needed) block norms of one forward pass."""
+        return self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms)
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        outputs = self.forward_outputs(x)
+        scores = {name: detector(outputs) for name, detector in self.detectors.items()}
+        result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
+        if self.thresholds:
+            result["is_ood"] = {name: scores[name] < threshold for name, threshold in self.thresholds.items()}
+        return result
+
+    def preprocess(self, images: Any) -> Tensor:
+        """Raw images -> the normalised batch :meth:`forward` expects, on the model's device.
+
+        Applies the stored ID test transform: resize (shorter side to ``resize_size``,
+        bilinear, antialiased), centre crop to ``crop_size``, scale to [0, 1], normalise
+        with ``mean``/``std``. Grey images are repeated to 3 channels, RGBA/palette PIL
+        images converted to RGB.
+
+        Args:
+            images: a PIL image, a (C, H, W) or (B, C, H, W) tensor, or a list of them.
+                ``uint8`` tensors hold 0-255 values, float tensors values in [0, 1]
+                (an already-normalised tensor goes to ``model(x)`` directly).
+
+        Returns:
+            float32 tensor (B, 3, crop, crop).
+        """
+        if self.preprocessing is None:
+            raise CheckpointError(
+                "this model file holds no preprocessing (it was saved without a datamodule); "
+                "normalise the images yourself and call model(x), or re-save with "
+                "save_with_detectors(..., preprocessing=preprocessing_from_datamodule(dm))"
+            )
+        if isinstance(images, Tensor) and images.dim() == 4:
+            items: list[Any] = list(images)
+        elif isinstance(images, (list, tuple)):
+            items = list(images)
+        else:
+            items = [images]
+        if not items:
+            raise ValueError("preprocess got no images")
+        batch = torch.stack([_preprocess_one(item, self.preprocessing) for item in items])
+        first = next(iter(self.parameters()), None)
+        return batch.to(first.device) if first is not None else batch
+
+    def extra_repr(self) -> str:
+        return f"detectors={list(self.detectors)}, thresholds={self.thresholds}"
+
+
+def _preprocess_one(image: Any, spec: Mapping[str, Any]) -> Tensor:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    interpolation = InterpolationMode(spec.get("interpolation", "bilinear"))
+    if isinstance(image, Tensor):
+        if image.dim() == 2:
+            image = image.unsqueeze(0)
+        if image.dim() != 3:
+            raise ValueError(f"preprocess expects (C, H, W) or (B, C, H, W) tensors; got shape {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            image = image.float().div(255.0)
+        elif image.is_floating_point():
+            image = image.float()
+            low, high = float(image.min()), float(image.max())
+            if low < -1e-3 or high > 1.0 + 1e-3:
+                raise ValueError(
+                    f"preprocess expects raw float images in [0, 1] (or uint8 0-255); got values in "
+                    f"[{low:.3g}, {high:.3g}]. An already-normalised batch goes to model(x) directly."
+                )
+        else:
+            raise TypeError(f"preprocess expects uint8 or float tensors; got {image.dtype}")
+        image = TF.resize(image, spec["resize_size"], interpolation=interpolation, antialias=True)
+    else:
+        try:
+            from PIL import Image
+        except ImportError as err:  # pragma: no cover - torchvision depends on Pillow
+            raise TypeError(f"preprocess expects tensors or PIL images; got {type(image)}") from err
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"preprocess expects PIL images or tensors; got {type(image).__name__}")
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        image = TF.to_tensor(TF.resize(image, spec["resize_size"], interpolation=interpolation))
+    image = TF.center_crop(image, spec["crop_size"])
+    if image.shape[0] == 1:
+        image = image.repeat(3, 1, 1)
+    if image.shape[0] != len(spec["mean"]):
+        raise ValueError(f"preprocess expects 1 or {len(spec['mean'])} channels; got {image.shape[0]}")
+    return TF.normalize(image, spec["mean"], spec["std"])
+
+
+# --------------------------------------------------------------------------- saving
+def preprocessing_from_datamodule(datamodule: Any) -> dict[str, Any]:
+    """The inference preprocessing of a datamodule's ID test transform.
+
+    Reads ``image_size``, ``mean`` and ``std`` and, from ``test_transform()``, the sizes of
+    its ``Resize`` and ``CenterCrop`` (both default to ``image_size``: datamodules whose
+    images come pre-sized, such as the digits, get a resize to ``image_size``).
+    """
+    from torchvision import transforms as T
+
+    size = int(datamodule.image_size)
+    spec: dict[str, Any] = {
+        "image_size": size, "resize_size": size, "crop_size": size, "interpolation": "bilinear",
+        "mean": [float(m) for m in datamodule.mean], "std": [float(s) for s in datamodule.std],
+    }
+    try:
+        transform = datamodule.test_transform()
+    except NotImplementedError:
+        return spec
+    stack = [transform]
+    while stack:
+        t = stack.pop(0)
+        if isinstance(t, T.Compose):
+            stack = list(t.transforms) + stack
+        elif isinstance(t, T.Resize):
+            spec["resize_size"] = _plain_size(t.size)
+            spec["interpolation"] = t.interpolation.value
+        elif isinstance(t, T.CenterCrop):
+            spec["crop_size"] = _plain_size(t.size)
+        elif isinstance(t, T.Normalize):
+            spec["mean"], spec["std"] = [float(m) for m in t.mean], [float(s) for s in t.std]
+    return spec
+
+
+def _plain_size(size: Any) -> Union[int, list[int]]:
+    if isinstance(size, numbers.Integral):
+        return int(size)
+    size = [int(s) for s in size]
+    return size[0] if len(size) == 1 or (len(size) == 2 and size[0] == size[1]) else size
+
+
+def save_with_detectors(
+    pl_module: Union[OODClassifier, OODModel],
+    path: PathLike,
+    preprocessing: Optional[Mapping[str, Any]] = None,
+    thresholds: Optional[Mapping[str, float]] = None,
+) -> str:
+    """Write a model with its fitted detectors to ``path`` (atomically).
+
+    Args:
+        pl_module: an :class:`~lightning_ood.module.OODClassifier` whose ``detectors`` are
+            attached (and fitted), or an :class:`OODModel` (re-saving a loaded file).
+        path: destination file (folders are created).
+        preprocessing: the inference preprocessing (see :func:`preprocessing_from_datamodule`).
+            ``None``: the ``OODModel``'s own, or that of the datamodule of the trainer the
+            module is attached to, if any.
+        thresholds: detector name -> score threshold (``score < threshold`` = OOD).
+            ``None``: the ``OODModel``'s own, else none.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        CheckpointError: the module is not an ``OODClassifier``, a detector's class is not
+            one of :mod:`lightning_ood.detectors` (see :func:`detector_classes`), or a
+            configuration value is not a plain Python value.
+    """
+    if isinstance(pl_module, OODModel):
+        preprocessing = pl_module.preprocessing if preprocessing is None else preprocessing
+        thresholds = pl_module.thresholds if thresholds is None else thresholds
+        classifier = pl_module.classifier
+    else:
+        classifier = pl_module
+    if not isinstance(classifier, OODClassifier):
+        raise CheckpointError(
+            f"save_with_detectors needs an OODClassifier (or an OODModel); got {type(classifier).__name__}"
+        )
+    if preprocessing is None:
+        datamodule = _attached_datamodule(classifier)
+        if datamodule is not None:
+            preprocessing = preprocessing_from_datamodule(datamodule)
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lightning_ood_version": __version__,
+        "torch_version": str(torch.__version__),
+        "model": {"class": "OODClassifier", "hparams": _model_config(classifier)},
+        "detectors": [_detector_config(name, detector) for name, detector in classifier.detectors.items()],
+        "state_dict": _deployable_state(classifier),
+        "preprocessing": _check_preprocessing(preprocessing),
+        "thresholds": _check_thresholds(thresholds, list(classifier.detectors)),
+    }
+    path = os.fspath(path)
+    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+    return path
+
+
+def _attached_datamodule(module: OODClassifier) -> Any:
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    return datamodule if hasattr(datamodule, "image_size") and hasattr(datamodule, "mean") else None
+
+
+def _model_config(classifier: OODClassifier) -> dict[str, Any]:
+    accepted = inspect.signature(OODClassifier.__init__).parameters
+    hparams = {k: v for k, v in dict(classifier.hparams).items() if k in accepted}
+    return _plain(hparams, "model hyper-parameter")
+
+
+def _detector_config(name: str, detector: nn.Module) -> dict[str, Any]:
+    cls = type(detector)
+    allowed = detector_classes()
+    if allowed.get(cls.__name__) is not cls:
+        raise CheckpointError(
+            f"detector {name!r} is a {cls.__module__}.{cls.__qualname__}; model files can only hold "
+            f"the detectors of lightning_ood.detectors ({', '.join(sorted(allowed))}), so that loading "
+            "never runs code from the file. Remove it from model.detectors before saving."
+        )
+    init_args: dict[str, Any] = {}
+    for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = getattr(detector, param.name, param.default)
+        if isinstance(value, (Tensor, nn.Module)) and param.default is None:
+            value = None  # tensors are carried by the state_dict (e.g. WeiPer's projections)
+        if value is inspect.Parameter.empty:
+            raise CheckpointError(f"cannot recover {cls.__name__}'s argument {param.name!r} of detector {name!r}")
+        init_args[param.name] = _plain(value, f"detector {name!r} argument {param.name!r}")
+    return {"name": name, "class": cls.__name__, "init_args": init_args}
+
+
+def _deployable_state(classifier: OODClassifier) -> dict[str, Tensor]:
+    """backbone.*, head.* and detectors.* (every persistent entry of an OODClassifier)."""
+    state = classifier.state_dict()
+    return {k: v.detach().to("cpu") for k, v in state.items() if k.split(".", 1)[0] in ("backbone", "head", "detectors")}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as bool/int/float/str/None and lists/dicts of them (tuples become lists)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)  # str subclasses (e.g. TorchVersion) would pickle as their class
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise CheckpointError(f"{where}: dict keys must be strings; got {list(value)[:5]}")
+        return {str(k): _plain(v, f"{where} {k!r}") for k, v in value.items()}
+    raise CheckpointError(
+        f"{where} is a {type(value).__name__} ({value!r:.80}); model files hold only plain values "
+        "(numbers, strings, lists, dicts) so that they load with torch.load(weights_only=True)"
+    )
+
+
+def _check_thresholds(thresholds: Optional[Mapping[str, float]], names: Sequence[str]) -> dict[str, float]:
+    if not thresholds:
+        return {}
+    unknown = [n for n in thresholds if n not in names]
+    if unknown:
+        raise CheckpointError(f"thresholds for unknown detectors {unknown}; the model has {list(names)}")
+    out = {}
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise CheckpointError(f"threshold of {name!r} must be a finite number; got {value!r}")
+        out[str(name)] = float(value)
+    return out
+
+
+def _check_preprocessing(spec: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    if spec is None:
+        return None
+    spec = _plain(dict(spec), "preprocessing")
+    size = spec.get("image_size")
+    if size is None:
+        raise CheckpointError("preprocessing needs at least 'image_size', 'mean' and 'std'")
+    spec.setdefault("resize_size", size)
+    spec.setdefault("crop_size", size)
+    spec.setdefault("interpolation", "bilinear")
+    for key in ("mean", "std"):
+        if not isinstance(spec.get(key), list) or not spec[key]:
+            raise CheckpointError(f"preprocessing[{key!r}] must be a list of per-channel floats; got {spec.get(key)!r}")
+    return spec
+
+
+def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file next to ``path``, fsync, then ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        except OSError:  # some file systems refuse to fsync directories
+            pass
+        finally:
+            os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------- loading
+_HOW_TO_MAKE = (
+    "Make one with lightning_ood.export.save_with_detectors(model, path) from an OODClassifier "
+    "whose detectors are attached and fitted, or run trainer.test with the OODEvaluation callback "
+    f"(it writes {CHECKPOINT_NAME} next to its report)."
+)
+
+
+def load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None) -> OODModel:
+    """Load a model file written by :func:`save_with_detectors` (or ``OODEvaluation``).
+
+    Args:
+        path: the ``.ckpt`` file.
+        map_location: device to put the model on (``None``: CPU).
+
+    Returns:
+        An :class:`OODModel` in eval mode: ``model(x)`` gives logits, scores and ``is_ood``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: truncated or corrupted file, a file that is not a lightning_ood
+            model file (a plain ``state_dict``, a Lightning training checkpoint ...), a
+            ``format_version`` newer than this lightning_ood reads, or weights that do not
+            fit the recorded model configuration.
+    """
+    checkpoint = _read(os.fspath(path))
+    model = _build(checkpoint, os.fspath(path))
+    if map_location is not None:
+        model.to(map_location)
+    return model.eval()
+
+
+def _read(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; pass the model file inside it (e.g. {CHECKPOINT_NAME})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if zipfile.is_zipfile(path) and "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({_sniff_pickled(path)}), not a lightning_ood "
+                f"model file, which holds only tensors and plain values. {_HOW_TO_MAKE}"
+            ) from None
+        raise CheckpointError(_corrupted(path, err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
+        raise CheckpointError(_corrupted(path, err)) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a lightning_ood model file. {_HOW_TO_MAKE}"
+        )
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is {_describe_foreign(obj)}, not a lightning_ood model file. {_HOW_TO_MAKE}")
+    version = obj.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}; the file is damaged")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer lightning_ood (file format_version {version}, written by "
+            f"lightning_ood {obj.get('lightning_ood_version', '?')}); this lightning_ood {__version__} reads "
+            f"format_version <= {FORMAT_VERSION}. Upgrade lightning_ood: pip install -U lightning_ood"
+        )
+    missing = [k for k in ("model", "detectors", "state_dict") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {missing}; the file is damaged. {_HOW_TO_MAKE}")
+    return obj
+
+
+def _corrupted(path: str, err: BaseException) -> str:
+    size = os.path.getsize(path)
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    kind = "a PyTorch zip archive that cannot be read" if zipfile.is_zipfile(path) else "not a complete PyTorch file"
+    return (
+        f"{path} ({size} bytes) is truncated or corrupted: {kind} ({detail}). Copy the file again "
+        "or re-create it (save_with_detectors, or trainer.test with OODEvaluation)."
+    )
+
+
+def _sniff_pickled(path: str) -> str:
+    """What a file of pickled objects seems to be, from the bytes of its pickle (never run)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            data = archive.read(name) if name else b""
+    except (zipfile.BadZipFile, OSError, KeyError):
+        data = b""
+    if b"pytorch-lightning_version" in data:
+        return ("a PyTorch Lightning training checkpoint; restore it with OODClassifier.load_from_checkpoint(path), "
+                "then save it with its detectors")
+    if b"torch.nn.modules" in data or b"lightning_ood" in data:
+        return "a pickled torch.nn.Module; save its state_dict and config instead"
+    return "objects other than tensors and plain values"
+
+
+def _describe_foreign(obj: dict[str, Any]) -> str:
+    if "pytorch-lightning_version" in obj or ("state_dict" in obj and "global_step" in obj):
+        return (
+            f"a PyTorch Lightning training checkpoint (Lightning {obj.get('pytorch-lightning_version', '?')}, "
+            f"epoch {obj.get('epoch', '?')}, global step {obj.get('global_step', '?')}): it holds the weights "
+            "but not the fitted detectors' configuration. Restore it with "
+            "OODClassifier.load_from_checkpoint(path), then run trainer.test with OODEvaluation or call "
+            "save_with_detectors after attaching and fitting detectors"
+        )
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        first = next(iter(obj))
+        return (
+            f"a plain state_dict ({len(obj)} tensors, e.g. {first!r}): it has weights but no model "
+            "configuration and no detector configuration"
+        )
+    if "format" in obj:
+        return f"a file of format {obj['format']!r}"
+    return f"a dict with keys {sorted(map(str, obj))[:8]}"
+
+
+def _build(checkpoint: dict[str, Any], path: str) -> OODModel:
+    model_cfg = checkpoint["model"]
+    if not isinstance(model_cfg, dict) or model_cfg.get("class") != "OODClassifier":
+        raise CheckpointError(f"{path}: unsupported model {model_cfg!r:.120}; this lightning_ood builds OODClassifier")
+    hparams = dict(model_cfg.get("hparams") or {})
+    hparams["pretrained"] = None  # the weights come from the file
+    try:
+        classifier = OODClassifier(**hparams)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the recorded model config {hparams} cannot be built: {err}") from None
+
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors; the file is damaged")
+    described = _config_summary(hparams)
+    network = {k: v for k, v in classifier.state_dict().items() if k.split(".", 1)[0] in ("backbone", "head")}
+    _check_fit(path, described, network, {k: v for k, v in state.items() if not k.startswith("detectors.")})
+    for prefix in ("backbone", "head"):
+        getattr(classifier, prefix).load_state_dict(
+            {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}, strict=True)
+
+    allowed = detector_classes()
+    detectors: dict[str, Detector] = {}
+    for cfg in checkpoint["detectors"]:
+        if not isinstance(cfg, dict) or not {"name", "class", "init_args"} <= set(cfg):
+            raise CheckpointError(f"{path}: damaged detector entry {cfg!r:.120}")
+        name, cls_name = cfg["name"], cfg["class"]
+        if cls_name not in allowed:
+            raise CheckpointError(
+                f"{path}: detector {name!r} has class {cls_name!r}, which this lightning_ood does not provide "
+                f"(known: {', '.join(sorted(allowed))}); upgrade lightning_ood or re-save without it"
+            )
+        try:
+            detector = allowed[cls_name](**cfg["init_args"])
+            _fill_unallocated(detector, state, f"detectors.{name}.")
+            detector.attach(classifier.head, classifier.backbone.num_blocks)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: detector {name!r} ({cls_name}) does not fit the model ({described}): {err}") from None
+        detectors[name] = detector
+    classifier.detectors.update(detectors)
+    expected = {k: v for k, v in classifier.state_dict().items() if k.split(".", 1)[0] in ("backbone", "head", "detectors")}
+    _check_fit(path, described, expected, state)
+    classifier.load_state_dict(state, strict=True)
+    return OODModel(classifier, checkpoint.get("thresholds") or {}, checkpoint.get("preprocessing"))
+
+
+def _fill_unallocated(detector: Detector, state: dict[str, Tensor], prefix: str) -> None:
+    """Give buffers that are still ``None`` (allocated lazily by ``attach``, e.g. WeiPer's
+    perturbed projections) the file's tensors, so ``attach`` only checks their shapes
+    instead of re-drawing them."""
+    for name, buffer in list(detector._buffers.items()):
+        if buffer is None and prefix + name in state:
+            detector._buffers[name] = state[prefix + name].clone()
+
+
+def _config_summary(hparams: Mapping[str, Any]) -> str:
+    keys = ("backbone", "loss", "num_classes", "width", "cifar_stem")
+    return ", ".join(f"{k}={hparams.get(k)!r}" for k in keys if k in hparams)
+
+
+def _check_fit(path: str, described: str, expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
+    raise CheckpointError(
+        f"{path}: the weights do not fit the recorded architecture ({described}): " + "; ".join(parts)
+        + ". The file was edited or assembled from different models; re-create it with save_with_detectors."
+    )
+
+
+# --------------------------------------------------------------------------- export
+class _NotExportable(Exception):
+    """A detector that cannot be exported, with the reason."""
+
+
+class _Score(nn.Module):
+    """Export-friendly scoring of one detector: constants read from its fitted buffers at
+    export time, static shapes, no value-dependent Python branches."""
+
+    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _DetectorScore(_Score):
+    """Any detector whose ``score`` traces as is (MSP, MaxLogit, Energy, MinDistance,
+    PenultimateNorm); the eager ``fitted`` check runs at export time instead."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
+        return self.detector.score(outputs)
+
+
+class _ASHScore(_Score):
+    """ASH with its percentile as a constant (the number of kept values is a static shape)."""
+
+    _SHAPERS = {"p": F_det.ash_p, "b": F_det.ash_b, "s": F_det.ash_s}
+
+    def __init__(self, detector: ASH) -> None:
+        super().__init__()
+        self.variant, self.percentile = detector.variant, detector.percentile
+
+    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
+        return F_det.energy(head(self._SHAPERS[self.variant](outputs.features, self.percentile)))
+
+
+class _FeatureNormScore(_Score):
+    """FeatureNorm with the selected block as a constant index."""
+
+    def __init__(self, detector: FeatureNorm) -> None:
+        super().__init__()
+        self.block, self.num_blocks = int(detector.selected_block), detector.num_blocks
+        if self.block < 0:
+            raise _NotExportable("feature_norm has not selected a block (not fitted)")
+
+    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
+        norms = outputs.block_norms
+        if norms is None or norms.dim() != 2 or norms.shape[1] != self.num_blocks:
+            raise ValueError(f"feature_norm needs block_norms of shape (B, {self.num_blocks})")
+        F_det.check_finite(norms, "block norms")
+        return norms[:, self.block]
+
+
+class _WeiPerScore(_Score):
+    """WeiPer with the bin edges as constants and per-row histograms by ``scatter_add``
+    into a fixed number of bins (``bincount`` has a value-dependent output size). Same
+    operations in the same order as :meth:`WeiPer.score_features`, so the scores agree to
+    float rounding."""
+
+    def __init__(self, detector: WeiPer) -> None:
+        super().__init__()
+        if detector.perturbed_weight is None:
+            raise _NotExportable("weiper has no class projections (attach() was never called)")
+        d = detector
+        self.n_bins, self.n_repeats = d.n_bins, d.n_repeats
+        self.width, self.dim = d.perturbed_weight.shape
+        self.classes = self.width // self.n_repeats
+        self.lambda1, self.lambda2, self.eps_z, self.eps_w = d.lambda1, d.lambda2, d.eps_z, d.eps_perturbed
+        z_lo, z_hi = d.z_range.tolist()
+        w_lo, w_hi = d.wz_range.tolist()
+        self.z_bins = (z_lo, bin_scale(z_lo, z_hi, self.n_bins))
+        self.w_bins = (w_lo, bin_scale(w_lo, w_hi, self.n_bins))
+        # column blocks of whole perturbed heads, as the eager path uses them for a full chunk
+        self.step = len(d._column_blocks(d._rows_per_chunk())[0][0])
+        for name, tensor in (("weight", d.perturbed_weight), ("bias", d.perturbed_bias),
+                             ("train_hist_z", d.train_hist_z), ("train_hist_wz", d.train_hist_wz),
+                             ("smooth_z", d.smooth_z), ("smooth_wz", d.smooth_wz)):
+            self.register_buffer(name, tensor)
+
+    def _counts(self, values: Tensor, bins: tuple[float, float]) -> Tensor:
+        lo, scale = bins
+        idx = (values - lo).mul_(scale).floor_().clamp_(-1.0, float(self.n_bins)).add_(1.0).long()
+        counts = torch.zeros(values.shape[0], self.n_bins + 2, dtype=torch.int64, device=values.device)
+        return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, 1:-1]
+
+    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
+        z = outputs.features.float()
+        F_det.check_finite(z, "WeiPer features")
+        counts_w: Optional[Tensor] = None
+        msp: Optional[Tensor] = None
+        for w, b in zip(self.weight.split(self.step), self.bias.split(self.step)):
+            logits = torch.addmm(b, z, w.t())
+            counts = self._counts(logits, self.w_bins)
+            block_msp = perturbed_msp_sum(logits, self.classes)
+            counts_w = counts if counts_w is None else counts_w + counts
+            msp = block_msp if msp is None else msp + block_msp
+        assert counts_w is not None and msp is not None
+        hist_z = self._counts(z, self.z_bins).float().mm(self.smooth_z).div_(self.dim)
+        hist_w = counts_w.float().mm(self.smooth_wz).div_(self.width)
+        d_z = symmetric_kl(self.train_hist_z, hist_z, self.eps_z)
+        d_w = symmetric_kl(self.train_hist_wz, hist_w, self.eps_w)
+        return msp.div_(self.n_repeats).mul_(self.lambda2).sub_(d_z + self.lambda1 * d_w)
+
+
+#: Detectors whose eager ``score`` reads fitted buffers as Python numbers get an
+#: export-friendly twin; every other detector is traced through its own ``score``.
+_EXPORT_SCORES: dict[type, type[_Score]] = {ASH: _ASHScore, FeatureNorm: _FeatureNormScore, WeiPer: _WeiPerScore}
+
+
+def _export_score(detector: Detector) -> _Score:
+    if not bool(detector.fitted):
+        raise _NotExportable(f"{type(detector).__name__} is not fitted")
+    return _EXPORT_SCORES.get(type(detector), _DetectorScore)(detector)
+
+
+class _ExportModule(nn.Module):
+    """What the ``.pt2`` program computes: ``OODModel.forward`` with export-friendly scores."""
+
+    def __init__(self, classifier: OODClassifier, scores: dict[str, _Score], needs_block_norms: bool,
+                 thresholds: dict[str, float]) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.scores = nn.ModuleDict(scores)
+        self.needs_block_norms = needs_block_norms
+        self.thresholds = {n: t for n, t in thresholds.items() if n in scores}
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        outputs = self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms)
+        scores = {name: score(outputs, self.classifier.head) for name, score in self.scores.items()}
+        result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
+        if self.thresholds:
+            result["is_ood"] = {name: scores[name] < t for name, t in self.thresholds.items()}
+        return result
+
+
+class _ScoreProbe(nn.Module):
+    """One detector's score alone, to find out whether (and why not) it exports."""
+
+    def __init__(self, score: _Score, head: nn.Module) -> None:
+        super().__init__()
+        self.score, self.head = score, head
+
+    def forward(self, logits: Tensor, features: Tensor, block_norms: Optional[Tensor] = None) -> Tensor:
+        return self.score(ForwardOutputs(logits, features, block_norms), self.head)
+
+
+def _first_line(err: BaseException) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _as_model(module_or_path: Union[PathLike, OODModel, OODClassifier]) -> OODModel:
+    if isinstance(module_or_path, OODModel):
+        return module_or_path
+    if isinstance(module_or_path, OODClassifier):
+        datamodule = _attached_datamodule(module_or_path)
+        spec = preprocessing_from_datamodule(datamodule) if datamodule is not None else None
+        return OODModel(module_or_path, preprocessing=spec)
+    if isinstance(module_or_path, (str, os.PathLike)):
+        return load(module_or_path)
+    raise TypeError(f"export_program needs a model file path, an OODModel or an OODClassifier; got {type(module_or_path).__name__}")
+
+
+def export_program(
+    module_or_path: Union[PathLike, OODModel, OODClassifier],
+    out_path: PathLike,
+    example_batch: int = 2,
+    image_size: Optional[int] = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Export the model and its detectors with ``torch.export`` (dynamic batch size).
+
+    The program takes a normalised float32 batch (B, 3, H, W) — any B >= 1, H and W fixed —
+    and returns the same dict as :meth:`OODModel.forward`. Detectors that cannot be
+    exported are left out (reported in the returned dict and printed); the others are
+    exported. Load it with ``torch.export.load(path).module()`` or :func:`load_program`,
+    which also returns the preprocessing and thresholds stored in the file.
+
+    Args:
+        module_or_path: a model file, an :class:`OODModel` or an ``OODClassifier``.
+        out_path: the ``.pt2`` file to write (atomically).
+        example_batch: batch size of the example input used for tracing (>= 2, so the
+            batch dimension stays symbolic).
+        image_size: input height/width; default: the stored preprocessing's crop size.
+        verbose: print which detectors were exported and which were not (and why).
+
+    Returns:
+        ``{"path", "exported": [names], "not_exported": {name: reason}, "input_shape",
+        "max_abs_diff": {"logits"/name: float}}`` — the last compares the program with the
+        eager model on the example input.
+    """
+    if int(example_batch) < 2:
+        raise ValueError(f"example_batch must be >= 2 (a batch of 1 would be specialised); got {example_batch}")
+    model = _as_model(module_or_path)
+    was_training = model.training
+    model.eval()
+    try:
+        size = image_size or (model.preprocessing or {}).get("crop_size")
+        if size is None:
+            raise ValueError("the input size is unknown (no preprocessing stored): pass image_size=")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(int(example_batch), 3, height, width, generator=generator).to(device)
+
+        scores: dict[str, _Score] = {}
+        not_exported: dict[str, str] = {}
+        for name, detector in model.detectors.items():
+            try:
+                scores[name] = _export_score(detector)
+            except _NotExportable as err:
+                not_exported[name] = str(err)
+        program, scores = _export_with_fallback(model, scores, example, not_exported)
+
+        with torch.no_grad():
+            reference = model.forward_outputs(example)
+            got = program.module()(example)
+            diffs = {"logits": float((got["logits"] - reference.logits).abs().max())}
+            for name in scores:
+                expected = model.detectors[name](reference)
+                diffs[name] = float((got["scores"][name] - expected).abs().max())
+        metadata = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "lightning_ood_version": __version__,
+            "input": "normalised float32 (B, 3, H, W)", "input_shape": [None, 3, height, width],
+            "num_classes": model.num_classes, "detectors": list(scores), "not_exported": not_exported,
+            "thresholds": {n: t for n, t in model.thresholds.items() if n in scores},
+            "preprocessing": model.preprocessing,
+        }
+        out_path = os.fspath(out_path)
+        _atomic_write(out_path, lambda f: torch.export.save(
+            program, f, extra_files={PROGRAM_METADATA: json.dumps(metadata)}))
+    finally:
+        model.train(was_training)
+    result = {"path": out_path, "exported": list(scores), "not_exported": not_exported,
+              "input_shape": [None, 3, height, width], "max_abs_diff": diffs}
+    if verbose:
+        print(f"lightning_ood.export: wrote {out_path} (batch dimension dynamic, input (B, 3, {height}, {width}))")
+        print(f"  exported detectors: {', '.join(scores) or 'none'}")
+        for name, reason in not_exported.items():
+            print(f"  NOT exported: {name}: {reason}")
+    return result
+
+
+def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: Tensor,
+                          not_exported: dict[str, str]) -> tuple[Any, dict[str, _Score]]:
+    """Export everything; if that fails, probe every detector alone, drop those that do not
+    export (recording why) and export the rest."""
+    from torch.export import Dim, export
+
+    def run(selected: dict[str, _Score]) -> Any:
+        needs = any(getattr(model.detectors[n], "requires_block_norms", False) for n in selected)
+        module = _ExportModule(model.classifier, selected, needs, model.thresholds)
+        batch = Dim("batch", min=1)
+        return export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+
+    try:
+        with _quiet_failures():
+            return run(scores), scores
+    except Exception as first_error:  # find the culprits
+        if not scores:
+            raise RuntimeError(f"the network itself does not export: {_first_line(first_error)}") from first_error
+    with torch.no_grad():
+        outputs = model.classifier.forward_outputs(example, with_block_norms=True)
+    kept: dict[str, _Score] = {}
+    for name, score in scores.items():
+        probe = _ScoreProbe(score, model.classifier.head)
+        batch = Dim("batch", min=1)
+        args = (outputs.logits, outputs.features, outputs.block_norms)
+        try:
+            with _quiet_failures():
+                export(probe, args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False)
+            kept[name] = score
+        except Exception as err:
+            not_exported[name] = f"does not trace with torch.export ({_first_line(err)})"
+    try:
+        return run(kept), kept
+    except Exception as err:
+        raise RuntimeError(f"export failed even without the detectors {sorted(not_exported)}: {_first_line(err)}") from err
+
+
+@contextlib.contextmanager
+def _quiet_failures() -> Iterator[None]:
+    """Hold back what is printed to stderr (torch.export prints the partial graph of a
+    failed trace); replay it only when the block succeeds: failures are reported briefly."""
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        yield
+    sys.stderr.write(captured.getvalue())
+
+
+def load_program(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a ``.pt2`` written by :func:`export_program`: ``(module, metadata)``, where
+    ``module(x)`` gives ``{"logits", "scores", "is_ood"}`` and ``metadata`` holds the
+    preprocessing, thresholds and the detectors that were (not) exported."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported program not found: {path}")
+    extra = {PROGRAM_METADATA: ""}
+    program = torch.export.load(path, extra_files=extra)
+    return program.module(), json.loads(extra[PROGRAM_METADATA] or "{}")
+
+
+# --------------------------------------------------------------------------- callback hook
+def save_after_evaluation(trainer: Any, pl_module: OODClassifier, output_dir: str,
+                          thresholds: Optional[Mapping[str, float]]) -> Optional[str]:
+    """Write ``<output_dir>/model_with_detectors.ckpt`` (rank 0 only; called by
+    ``OODEvaluation``) and log it as a W&B artifact when a ``WandbLogger`` is attached.
+    A model that cannot be saved (e.g. a custom detector class) gives a warning, not an error."""
+    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    path = os.path.join(output_dir, CHECKPOINT_NAME)
+    datamodule = getattr(trainer, "datamodule", None)
+    preprocessing = preprocessing_from_datamodule(datamodule) if datamodule is not None else None
+    try:
+        save_with_detectors(pl_module, path, preprocessing, thresholds)
+    except CheckpointError as err:
+        rank_zero_warn(f"OODEvaluation: {CHECKPOINT_NAME} not written: {err}")
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            log_artifact(logger.experiment, path, {
+                "format": FORMAT, "format_version": FORMAT_VERSION,
+                "detectors": list(pl_module.detectors), "thresholds": dict(thresholds or {}),
+            })
+    return path
+
+
+def log_artifact(run: Any, path: str, metadata: Optional[dict[str, Any]] = None) -> None:
+    """Log a model file to a W&B run as a ``model`` artifact (alias ``latest``)."""
+    import wandb
+
+    run_id = str(getattr(run, "id", None) or "run")
+    artifact = wandb.Artifact(
+        name=f"model-with-detectors-{run_id}", type="model", metadata=metadata or {},
+        description="lightning_ood model with its fitted OOD detectors: lightning_ood.load(path)",
+    )
+    artifact.add_file(path, name=os.path.basename(path))
+    run.log_artifact(artifact, aliases=["latest"])
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m lightning_ood.export CKPT --out model.pt2``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_ood.export",
+        description="Export a lightning_ood model file (model_with_detectors.ckpt) and its detectors "
+                    "to a torch.export program (.pt2) with a dynamic batch dimension.",
+    )
+    parser.add_argument("checkpoint", help=f"model file written by OODEvaluation ({CHECKPOINT_NAME}) or save_with_detectors")
+    parser.add_argument("--out", help="output .pt2 file (default: the checkpoint's name with .pt2)")
+    parser.add_argument("--example-batch", type=int, default=2, help="batch size used for tracing (>= 2; default 2)")
+    parser.add_argument("--image-size", type=int, default=None, help="input height/width if the file stores no preprocessing")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.splitext(args.checkpoint)[0] + ".pt2"
+    if args.example_batch < 2:
+        parser.error("--example-batch must be >= 2")
+    try:
+        model = load(args.checkpoint)
+        export_program(model, out, example_batch=args.example_batch, image_size=args.image_size)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

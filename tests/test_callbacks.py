@@ -1,0 +1,271 @@
+"""OODEvaluation: 1 process == 2 processes, one forward pass per test batch, de-duplication
+of padded samples, fail-fast input checks."""
+import json
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.data.base import OODSet
+from lightning_ood.detectors import DETECTOR_NAMES
+from tests.ddp_eval_script import DETECTORS, SIZES, RandomOODDataModule, make_model, run_evaluation
+
+BATCH = 4  # RandomOODDataModule's default batch size
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+class CountBackboneCalls(pl.Callback):
+    """Counts calls of ``pl_module.backbone`` (a forward pre-hook): those made before the
+    first test batch (the detectors' fit pass) and those made during each test batch."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.before_test_batches = None
+        self.per_batch: list[tuple[int, int]] = []  # (dataloader_idx, calls)
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.backbone.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.before_test_batches is None:
+            self.before_test_batches = self.calls
+        self._start = self.calls
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.per_batch.append((dataloader_idx, self.calls - self._start))
+
+
+def _read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """One set of model weights for every run of this module."""
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.save(make_model().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, weights):
+    out = tmp_path_factory.mktemp("one_process")
+    counter = CountBackboneCalls()
+    trainer, callback = run_evaluation(str(out), weights=weights, callbacks=[counter])
+    return {"results": _read(out / "results.json"), "callback": callback, "counter": counter,
+            "metrics": dict(trainer.callback_metrics)}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, weights):
+    """The same evaluation on 2 CPU processes (Gloo). Only files and callback_metrics come
+    back from ddp_spawn."""
+    out = tmp_path_factory.mktemp("two_processes")
+    trainer, _ = run_evaluation(str(out), devices=2, strategy="ddp_spawn", weights=weights)
+    return {"results": _read(out / "results.json"), "metrics": dict(trainer.callback_metrics)}
+
+
+# ------------------------------------------------------------------ 1 vs 2 processes
+def test_two_processes_give_the_results_of_one(one_process, two_processes):
+    one, two = one_process["results"], two_processes["results"]
+    assert (one["devices"], two["devices"]) == (1, 2)
+    # every set has an odd size, so the 2-rank sampler padded each one; the padded
+    # duplicates must be gone
+    for results in (one, two):
+        assert results["id"]["n"] == SIZES["test"] == 23
+        assert {s: v["n"] for s, v in results["ood"].items()} == {"near_noise": 17, "far_blobs": 11}
+        assert {s: v["group"] for s, v in results["ood"].items()} == {"near_noise": "near", "far_blobs": "far"}
+    assert set(one["metrics"]) == {"msp", "energy", "ash_s", "weiper", "feature_norm"}
+    assert set(two["metrics"]) == set(one["metrics"]) and one["skipped"] == two["skipped"] == {}
+    for detector, sets in one["metrics"].items():
+        assert set(sets) == {"near_noise", "far_blobs", "near", "far"}
+        for set_name, values in sets.items():
+            for metric, value in values.items():
+                assert two["metrics"][detector][set_name][metric] == pytest.approx(value, abs=1e-6), \
+                    (detector, set_name, metric)
+    assert two["id"]["accuracy"] == pytest.approx(one["id"]["accuracy"], abs=1e-6)
+    assert two["id"]["accuracy_by_detector"] == pytest.approx(one["id"]["accuracy_by_detector"], abs=1e-6)
+    assert two["thresholds"] == pytest.approx(one["thresholds"], abs=1e-5)
+    # the fitted detectors saw every training image exactly once, on 1 or 2 ranks
+    for results in (one, two):
+        assert results["detectors"]["weiper"]["n_train"] == SIZES["train"]
+        assert results["detectors"]["feature_norm"]["num_fit_images"] == SIZES["train"]
+    assert two["detectors"]["feature_norm"]["selected_block"] == one["detectors"]["feature_norm"]["selected_block"]
+    assert two["detectors"]["feature_norm"]["ratios"] == pytest.approx(one["detectors"]["feature_norm"]["ratios"], rel=1e-5)
+    # the run is not degenerate: detectors disagree, so equal numbers are not a coincidence
+    aurocs = {d: one["metrics"][d]["near_noise"]["auroc"] for d in one["metrics"]}
+    assert len({round(a, 6) for a in aurocs.values()}) > 2, aurocs
+
+
+@pytest.mark.xfail(strict=True, reason="module.py logs test/acc with MulticlassAccuracy over the padded DDP test "
+                   "sampler: 2 ranks count 24 ID samples instead of 23 (see helper report); results.json is right")
+def test_logged_test_accuracy_ignores_ddp_padding(one_process, two_processes):
+    assert float(one_process["metrics"]["test/acc"]) == pytest.approx(one_process["results"]["id"]["accuracy"])
+    assert float(two_processes["metrics"]["test/acc"]) == pytest.approx(two_processes["results"]["id"]["accuracy"])
+
+
+# ------------------------------------------------------------- one forward pass
+def test_each_test_batch_runs_the_backbone_exactly_once(one_process):
+    counter = one_process["counter"]
+    expected_batches = [math.ceil(SIZES[s] / BATCH) for s in ("test", "near_noise", "far_blobs")]
+    assert [sum(1 for i, _ in counter.per_batch if i == k) for k in range(3)] == expected_batches
+    assert [calls for _, calls in counter.per_batch] == [1] * sum(expected_batches)
+    # the fit pass is separate: every training image once, plus its jigsaw version for
+    # FeatureNorm's block selection
+    assert counter.before_test_batches == 2 * math.ceil(SIZES["train"] / BATCH)
+
+
+def test_detectors_without_statistics_need_no_fit_pass(tmp_path):
+    counter = CountBackboneCalls()
+    _, callback = run_evaluation(str(tmp_path), detectors=["msp", "max_logit", "ash_b"], callbacks=[counter])
+    assert counter.before_test_batches == 0
+    assert [calls for _, calls in counter.per_batch] == [1] * 14
+    assert set(callback.results["metrics"]) == {"msp", "max_logit", "ash_b"}
+
+
+def test_default_detectors_of_an_isomax_plus_model(tmp_path):
+    """No detectors configured: the defaults plus the loss's native score; WeiPer (which
+    perturbs a linear head) is skipped with its reason, not crashed."""
+    _, callback = run_evaluation(str(tmp_path), loss="isomax_plus", detectors=None)
+    results = _read(tmp_path / "results.json")
+    assert "min_distance" in results["metrics"]
+    assert {"msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "feature_norm"} <= set(results["metrics"])
+    assert "weiper" not in results["metrics"] and "linear head" in results["skipped"]["weiper"]
+    # IsoMax+ logits are negative distances: the min-distance score is the max logit
+    for values_md, values_ml in zip(results["metrics"]["min_distance"].values(),
+                                    results["metrics"]["max_logit"].values()):
+        assert values_md == pytest.approx(values_ml)
+
+
+# ------------------------------------------------------------------- de-duplication
+def test_gather_drops_padded_repeats_and_sorts_by_index():
+    # two "ranks" worth of chunks as one process sees them after padding: 5 samples,
+    # indices 4 and 0 repeated (a padded sampler repeats whole samples)
+    def row(i):
+        return [10.0 * i, -float(i)]
+
+    indices = [torch.tensor([4, 1, 3]), torch.tensor([0, 2]), torch.tensor([4, 0])]
+    buffer = {
+        "indices": indices,
+        "labels": [i % 3 for i in indices],
+        "scores": [torch.tensor([row(int(i)) for i in chunk]) for chunk in indices],
+        "predictions": [],  # OOD sets have no predictions: the key is left out
+    }
+    out = OODEvaluation._gather(buffer)
+    assert set(out) == {"indices", "labels", "scores"}
+    assert out["indices"].tolist() == [0, 1, 2, 3, 4]
+    assert out["labels"].tolist() == [0, 1, 2, 0, 1]
+    assert out["scores"].tolist() == [row(i) for i in range(5)]
+
+
+def test_gather_keeps_rows_aligned_with_their_index():
+    indices = torch.tensor([7, 3, 3, 9, 1, 7])
+    buffer = {"indices": [indices], "labels": [indices * 2], "scores": [indices[:, None].float().repeat(1, 3)],
+              "predictions": [torch.stack([indices, indices + 1], 1)]}
+    out = OODEvaluation._gather(buffer)
+    assert out["indices"].tolist() == [1, 3, 7, 9]
+    assert out["labels"].tolist() == [2, 6, 14, 18]
+    assert out["scores"][:, 2].tolist() == [1.0, 3.0, 7.0, 9.0]
+    assert out["predictions"].tolist() == [[1, 2], [3, 4], [7, 8], [9, 10]]
+
+
+# ----------------------------------------------------------------- FPR95 convention
+def test_fpr95_positive_switches_convention_only_for_fpr95(tmp_path, one_process, weights):
+    _, callback = run_evaluation(str(tmp_path), weights=weights, detectors=["msp", "energy", "ash_s"],
+                                 fpr95_positive="id")
+    by_id, by_ood = callback.results, one_process["results"]
+    assert by_id["fpr95_positive"] == "id" and by_ood["fpr95_positive"] == "ood"
+    changed = 0
+    for detector in ("msp", "energy", "ash_s"):
+        for set_name in ("near_noise", "far_blobs"):
+            a, b = by_id["metrics"][detector][set_name], by_ood["metrics"][detector][set_name]
+            for metric in ("auroc", "aupr_in", "aupr_out"):
+                assert a[metric] == pytest.approx(b[metric], abs=1e-9)
+            changed += a["fpr95"] != pytest.approx(b["fpr95"], abs=1e-9)
+    assert changed > 0
+
+
+# ------------------------------------------------------------------ fail fast
+class _NoForward(pl.Callback):
+    """Fails the test if the model runs at all."""
+
+    def setup(self, trainer, pl_module, stage):
+        def fail(module, args):
+            raise AssertionError("the model ran before the bad input was reported")
+
+        pl_module.backbone.register_forward_pre_hook(fail)
+
+
+def _run_bad(tmp_path, datamodule=None, detectors=DETECTORS, **options):
+    return run_evaluation(str(tmp_path / "out"), detectors=detectors, callbacks=[_NoForward()],
+                          datamodule=datamodule, **options)
+
+
+def test_missing_ood_folder_fails_before_compute(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    datamodule = RandomOODDataModule(ood_sets=[OODSet("near_noise", "near"), OODSet("x", path=str(missing))])
+    with pytest.raises(FileNotFoundError, match="OOD folder not found: .*no_such_folder"):
+        _run_bad(tmp_path, datamodule)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_empty_ood_folder_fails_before_compute(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("not an image")
+    datamodule = RandomOODDataModule(ood_sets=[OODSet("x", path=str(empty))])
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        _run_bad(tmp_path, datamodule)
+
+
+def test_ood_folder_of_images_is_evaluated(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "textures" / "nested"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(5):
+        pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    datamodule = RandomOODDataModule(ood_sets=[OODSet("textures", "far", path=str(tmp_path / "textures"))])
+    _, callback = run_evaluation(str(tmp_path / "out"), detectors=["msp", "energy"], datamodule=datamodule)
+    assert callback.results["ood"] == {"textures": {"n": 5, "group": "far"}}
+    assert set(callback.results["metrics"]["msp"]) == {"textures", "far"}
+
+
+def test_unknown_detector_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown detector 'mahalanobis_typo'") as err:
+        OODEvaluation(detectors=["msp", "mahalanobis_typo"])
+    for name in DETECTOR_NAMES:
+        assert name in str(err.value)
+
+
+def test_bad_options_fail_at_construction():
+    with pytest.raises(ValueError, match="fpr95_positive"):
+        OODEvaluation(fpr95_positive="both")
+    with pytest.raises(TypeError, match="Detector instances"):
+        OODEvaluation(detectors=[42])
+    with pytest.raises(ValueError, match="configured twice"):
+        run_evaluation("unused", detectors=["msp", "MSP"])
+
+
+@pytest.mark.parametrize("detector", ["weiper", "featurenorm"])
+def test_detector_needing_training_statistics_without_training_set(tmp_path, detector):
+    datamodule = RandomOODDataModule(with_fit_set=False)
+    with pytest.raises(ValueError, match="need ID training statistics.*no training set"):
+        _run_bad(tmp_path, datamodule, detectors=["msp", detector])
+
+
+def test_datamodule_without_ood_sets_fails(tmp_path):
+    with pytest.raises(ValueError, match="declares no OOD sets"):
+        _run_bad(tmp_path, RandomOODDataModule(ood_sets=[]))
