@@ -22,6 +22,7 @@ import gc
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,17 +63,20 @@ def make_detector(preset: str, classes: int, dim: int) -> WeiPer:
 
 
 # --------------------------------------------------------------------------- measuring
-def best_seconds(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Fastest of ``repeats`` timed calls, after one untimed warm-up call unless
-    ``warmup`` is False (the minimum is robust to other jobs on a shared machine)."""
+def best_seconds(fn: Callable[[], object], repeats: int,
+                 warmup: bool = True) -> tuple[float, float]:
+    """Fastest wall-clock and CPU (all threads) seconds of ``repeats`` calls, after one
+    untimed warm-up call unless ``warmup`` is False. Minima are robust to other jobs on a
+    shared machine; CPU seconds do not count the time this process waited for a core."""
     if warmup:
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
 
 
 def _status_mb(field: str) -> Optional[float]:
@@ -103,6 +107,16 @@ def peak_extra_mb(fn: Callable[[], object]) -> Optional[float]:
     fn()
     peak = _status_mb("VmHWM")
     return None if before is None or peak is None else max(0.0, peak - before)
+
+
+def fit_peak_in_fresh_process(preset: str, classes: int, dim: int, n: int,
+                              threads: int) -> Optional[float]:
+    """Peak extra MB of fitting ``n`` streamed samples, measured in a new interpreter so
+    that allocator state left by earlier measurements does not blur the comparison."""
+    command = [sys.executable, __file__, "--memory-worker", preset, str(classes), str(dim),
+               str(n), "--threads", str(threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+    return None if out[-1] == "None" else float(out[-1])
 
 
 # --------------------------------------------------------------------------- reference style
@@ -197,15 +211,17 @@ class ReferenceStyleLoop:
 
 # --------------------------------------------------------------------------- benchmark
 def run_case(name: str, preset: str, classes: int, dim: int, sizes: dict[str, int],
-             repeats: int, threads: int) -> dict[str, object]:
-    """All measurements of one preset/shape at one thread count."""
+             repeats: int, threads: int, fresh_process: bool) -> list[dict[str, object]]:
+    """All measurements of one preset/shape at one thread count (fit memory in fresh
+    interpreters when ``fresh_process``, else in this one)."""
     torch.set_num_threads(threads)
     det = make_detector(preset, classes, dim)
     train = random_features(sizes["fit"], dim, seed=1)
     test = random_features(sizes["score"], dim, seed=2) * 1.2
     fit_s = best_seconds(lambda: det.fit_features(train), repeats)
     score_s = best_seconds(lambda: det.score_features(test), repeats)
-    mem = [peak_extra_mb(lambda n=n: det.fit_features(StreamedFeatures(n, dim, 256, seed=3)))
+    mem = [fit_peak_in_fresh_process(preset, classes, dim, n, threads) if fresh_process
+           else peak_extra_mb(lambda n=n: det.fit_features(StreamedFeatures(n, dim, 256, 3)))
            for n in (sizes["mem_small"], sizes["mem_large"])]
     score_mem = peak_extra_mb(lambda: det.score_features(test))
     ref = ReferenceStyleLoop(det)
@@ -215,14 +231,16 @@ def run_case(name: str, preset: str, classes: int, dim: int, sizes: dict[str, in
     det.fit_features(ref_train)
     ours_on_ref = det.score_features(ref_test)
     agreement = torch.corrcoef(torch.stack([ours_on_ref, ref.score(ref_test)]))[0, 1].item()
-    return {
-        "case": name, "threads": threads, "w_mb": det.perturbed_weight.numel() * 4 / 2**20,
-        "fit_n": len(train), "fit": len(train) / fit_s,
-        "score_n": len(test), "score": len(test) / score_s,
-        "mem": mem, "mem_n": (sizes["mem_small"], sizes["mem_large"]), "score_mem": score_mem,
-        "ref_fit": len(ref_train) / ref_fit_s, "ref_score": len(ref_test) / ref_score_s,
-        "ref_n": (len(ref_train), len(ref_test)), "agreement": agreement,
-    }
+    mem_text = (f"{_mb(mem[0])} / {_mb(mem[1])} (N = {sizes['mem_small']:,} / "
+                f"{sizes['mem_large']:,})")
+    common = {"case": name, "threads": threads,
+              "w_mb": det.perturbed_weight.numel() * 4 / 2**20, "agreement": agreement}
+    return [
+        {**common, "phase": "fit", "n": len(train), "secs": fit_s, "mem": mem_text,
+         "ref_n": len(ref_train), "ref_secs": ref_fit_s},
+        {**common, "phase": "score", "n": len(test), "secs": score_s, "mem": _mb(score_mem),
+         "ref_n": len(ref_test), "ref_secs": ref_score_s},
+    ]
 
 
 def _mb(value: Optional[float]) -> str:
@@ -230,20 +248,17 @@ def _mb(value: Optional[float]) -> str:
 
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
-    head = ("| case | threads | W~ (MB) | fit samples/s (N) | score samples/s (B) | "
-            "fit peak extra MB (N small / large) | score peak extra MB | "
-            "reference-style loop fit / score samples/s (N) | speed-up fit / score | "
-            "corr. with ref-style |\n|" + "---|" * 10)
-    lines = [head]
+    lines = ["| case | threads | phase | N | samples/s (wall) | samples/CPU-s | peak extra MB "
+             "| reference-style loop samples/s (wall, N) | speed-up (wall) | W~ MB "
+             "| corr. with ref-style |", "|" + "---|" * 11]
     for r in rows:
-        mem = " / ".join(_mb(m) for m in r["mem"])
+        wall, cpu = r["secs"]
+        ref_wall = r["ref_secs"][0]
         lines.append(
-            f"| {r['case']} | {r['threads']} | {r['w_mb']:,.0f} | {r['fit']:,.0f} ({r['fit_n']:,}) "
-            f"| {r['score']:,.0f} ({r['score_n']:,}) | {mem} (N = {r['mem_n'][0]:,} / "
-            f"{r['mem_n'][1]:,}) | {_mb(r['score_mem'])} | {r['ref_fit']:,.1f} / "
-            f"{r['ref_score']:,.1f} ({r['ref_n'][0]:,} / {r['ref_n'][1]:,}) | "
-            f"{r['fit'] / r['ref_fit']:,.0f}x / {r['score'] / r['ref_score']:,.0f}x | "
-            f"{r['agreement']:.4f} |")
+            f"| {r['case']} | {r['threads']} | {r['phase']} | {r['n']:,} | {r['n'] / wall:,.0f} "
+            f"| {r['n'] / cpu:,.0f} | {r['mem']} | {r['ref_n'] / ref_wall:,.1f} "
+            f"({r['ref_n']:,}) | {ref_wall / r['ref_n'] * r['n'] / wall:,.0f}x "
+            f"| {r['w_mb']:,.0f} | {r['agreement']:.4f} |")
     return "\n".join(lines)
 
 
@@ -278,7 +293,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="torch thread counts to measure (default: torch's default)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="markdown file whose weiper_throughput section is refreshed")
+    parser.add_argument("--memory-worker", nargs=4, metavar=("PRESET", "C", "D", "N"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.memory_worker:
+        preset, classes, dim, n = args.memory_worker
+        torch.set_num_threads(args.threads[0])
+        det = make_detector(preset, int(classes), int(dim))
+        print(peak_extra_mb(lambda: det.fit_features(StreamedFeatures(int(n), int(dim), 256,
+                                                                      seed=3))))
+        return
 
     if args.tiny:
         cases = [("cifar10", "cifar10", 10, 512, dict(fit=400, score=200, mem_small=100,
@@ -295,8 +320,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                   dict(fit=2_048, score=1_024, mem_small=512, mem_large=2_048, ref_fit=200,
                        ref_score=200), 2)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rows = [run_case(name, preset, c, d, sizes, repeats, threads)
-            for threads in args.threads for name, preset, c, d, sizes, repeats in cases]
+    rows = [row for threads in args.threads for name, preset, c, d, sizes, repeats in cases
+            for row in run_case(name, preset, c, d, sizes, repeats, threads, not args.tiny)]
     table = markdown_table(rows)
     print(table)
     if args.tiny:
@@ -309,10 +334,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"date {datetime.date.today().isoformat()}; 1-min load average at start {load:.2f}",
         f"- command: `{command.strip()}`",
         "- random ReLU'd Gaussian features; presets from METHODS.md (r = 100, 100 bins); "
-        "samples/s = best of several runs; fit reads the data twice (global min/max, then "
-        "bin counts); fit memory measured on batches streamed from a generator",
+        "best of several runs; fit reads the data twice (global min/max, then bin counts)",
+        "- samples/s (wall) suffers from other jobs on this shared machine (see the load "
+        "average); samples/CPU-s counts only the CPU time of this process (all threads), "
+        "i.e. what an otherwise idle core achieves in the 1-thread rows",
         "- peak extra MB: resident-memory high-water mark above what was in use before the "
-        "call (`/proc/self/clear_refs`), W~ itself excluded",
+        "call (`/proc/self/clear_refs`), W~ itself excluded; fit memory in a fresh process "
+        "per N, on batches of 256 streamed from a generator",
         "- reference-style loop (our re-implementation): the shape of the authors' code "
         "(chunks of 100 samples, broadcast edge comparisons, Conv1d smoothing, Python loop "
         "over the r heads), one W~, measured on the smaller N in brackets; 'corr.' is the "

@@ -51,9 +51,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+import lightning_ood.detectors as _detectors
 from lightning_ood import __version__
 from lightning_ood.detectors import ASH, Detector, FeatureNorm, ForwardOutputs, WeiPer
-from lightning_ood.detectors import __all__ as _detector_exports
 from lightning_ood.detectors import functional as F_det
 from lightning_ood.detectors.weiper import bin_scale, perturbed_msp_sum, symmetric_kl
 from lightning_ood.module import OODClassifier
@@ -82,11 +82,9 @@ class CheckpointError(ValueError):
 def detector_classes() -> dict[str, type[Detector]]:
     """The allow-list of detector classes a model file may name (those of
     :mod:`lightning_ood.detectors`), by class name."""
-    import lightning_ood.detectors as detectors
-
     classes = {}
-    for name in _detector_exports:
-        obj = getattr(detectors, name)
+    for name in _detectors.__all__:
+        obj = getattr(_detectors, name)
         if isinstance(obj, type) and issubclass(obj, Detector) and obj is not Detector:
             classes[obj.__name__] = obj
     return classes
@@ -126,6 +124,7 @@ class OODModel(nn.Module):
         self.classifier = classifier
         self.thresholds = _check_thresholds(thresholds, list(classifier.detectors))
         self.preprocessing = _check_preprocessing(preprocessing)
+        self.training = classifier.training
 
     @property
     def detectors(self) -> nn.ModuleDict:
@@ -467,7 +466,9 @@ def load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None
         map_location: device to put the model on (``None``: CPU).
 
     Returns:
-        An :class:`OODModel` in eval mode: ``model(x)`` gives logits, scores and ``is_ood``.
+        An :class:`OODModel` for inference: eval mode, parameters frozen
+        (``model.requires_grad_(True)`` to fine-tune); ``model(x)`` gives logits, scores
+        and ``is_ood``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -480,7 +481,7 @@ def load(path: PathLike, map_location: Optional[Union[str, torch.device]] = None
     model = _build(checkpoint, os.fspath(path))
     if map_location is not None:
         model.to(map_location)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -497,7 +498,7 @@ def _read(path: str) -> dict[str, Any]:
                 f"model file, which holds only tensors and plain values. {_HOW_TO_MAKE}"
             ) from None
         raise CheckpointError(_corrupted(path, err)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
         raise CheckpointError(_corrupted(path, err)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
@@ -644,7 +645,8 @@ def _check_fit(path: str, described: str, expected: Mapping[str, Tensor], found:
         parts.append(f"{len(unexpected)} unexpected keys: {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
     raise CheckpointError(
         f"{path}: the weights do not fit the recorded architecture ({described}): " + "; ".join(parts)
-        + ". The file was edited or assembled from different models; re-create it with save_with_detectors."
+        + ". The file was edited, assembled from different models, or written by a lightning_ood whose "
+        "architecture differs; re-create it with save_with_detectors."
     )
 
 
@@ -844,8 +846,9 @@ def export_program(
     if int(example_batch) < 2:
         raise ValueError(f"example_batch must be >= 2 (a batch of 1 would be specialised); got {example_batch}")
     model = _as_model(module_or_path)
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval().requires_grad_(False)  # an inference program: no autograd bookkeeping
     try:
         size = image_size or (model.preprocessing or {}).get("crop_size")
         if size is None:
@@ -882,7 +885,10 @@ def export_program(
         _atomic_write(out_path, lambda f: torch.export.save(
             program, f, extra_files={PROGRAM_METADATA: json.dumps(metadata)}))
     finally:
-        model.train(was_training)
+        for module, training in modes:  # restore every submodule's own mode
+            module.training = training
+        for parameter, requires_grad in grads:
+            parameter.requires_grad_(requires_grad)
     result = {"path": out_path, "exported": list(scores), "not_exported": not_exported,
               "input_shape": [None, 3, height, width], "max_abs_diff": diffs}
     if verbose:
@@ -895,37 +901,43 @@ def export_program(
 
 def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: Tensor,
                           not_exported: dict[str, str]) -> tuple[Any, dict[str, _Score]]:
-    """Export everything; if that fails, probe every detector alone, drop those that do not
-    export (recording why) and export the rest."""
+    """Export the network with every detector's score. Detectors of other classes than
+    :mod:`lightning_ood.detectors`' are probed alone first (dropped, with the reason, when
+    they do not trace); if the whole export still fails, every detector is probed and the
+    rest exported."""
     from torch.export import Dim, export
+
+    with torch.no_grad():
+        outputs = model.classifier.forward_outputs(example, with_block_norms=True)
+
+    def exports_alone(name: str) -> bool:
+        batch = Dim("batch", min=1)
+        try:
+            with _quiet_failures():
+                export(_ScoreProbe(scores[name], model.classifier.head),
+                       (outputs.logits, outputs.features, outputs.block_norms),
+                       dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False)
+            return True
+        except Exception as err:
+            not_exported[name] = f"does not trace with torch.export ({_first_line(err)})"
+            return False
 
     def run(selected: dict[str, _Score]) -> Any:
         needs = any(getattr(model.detectors[n], "requires_block_norms", False) for n in selected)
         module = _ExportModule(model.classifier, selected, needs, model.thresholds)
-        batch = Dim("batch", min=1)
-        return export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
-
-    try:
         with _quiet_failures():
-            return run(scores), scores
-    except Exception as first_error:  # find the culprits
-        if not scores:
-            raise RuntimeError(f"the network itself does not export: {_first_line(first_error)}") from first_error
-    with torch.no_grad():
-        outputs = model.classifier.forward_outputs(example, with_block_norms=True)
-    kept: dict[str, _Score] = {}
-    for name, score in scores.items():
-        probe = _ScoreProbe(score, model.classifier.head)
-        batch = Dim("batch", min=1)
-        args = (outputs.logits, outputs.features, outputs.block_norms)
-        try:
-            with _quiet_failures():
-                export(probe, args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False)
-            kept[name] = score
-        except Exception as err:
-            not_exported[name] = f"does not trace with torch.export ({_first_line(err)})"
+            return export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},), strict=False)
+
+    builtin = set(detector_classes().values())
+    selected = {n: s for n, s in scores.items() if type(model.detectors[n]) in builtin or exports_alone(n)}
     try:
-        return run(kept), kept
+        return run(selected), selected
+    except Exception as first_error:
+        if not selected:
+            raise RuntimeError(f"the network itself does not export: {_first_line(first_error)}") from first_error
+    selected = {n: s for n, s in selected.items() if exports_alone(n)}
+    try:
+        return run(selected), selected
     except Exception as err:
         raise RuntimeError(f"export failed even without the detectors {sorted(not_exported)}: {_first_line(err)}") from err
 

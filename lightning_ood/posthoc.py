@@ -63,7 +63,11 @@ class PostHocClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.network: nn.Module = import_class(class_path)(**(init_args or {}))
         if weights:
-            missing, unexpected = self.network.load_state_dict(load_state_dict_file(weights), strict=False)
+            try:
+                missing, unexpected = self.network.load_state_dict(load_state_dict_file(weights), strict=False)
+            except RuntimeError as err:  # shape mismatches raise even with strict=False
+                raise ValueError(f"{weights} does not fit {class_path} with init_args {init_args or {}} "
+                                 f"(e.g. a different num_classes): {err}") from err
             if missing or unexpected:
                 raise ValueError(f"{weights} does not fit {class_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         modules = dict(self.network.named_modules())

@@ -94,7 +94,7 @@ class FlatMLP(torch.nn.Module):
     """A user's own classifier whose penultimate features are a plain Linear output (no
     ReLU, so they can be negative): ``flatten -> hidden (Linear) -> fc (Linear)``."""
 
-    def __init__(self, in_features: int = 3 * 16 * 16, hidden: int = 8, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self, in_features: int = 3 * 16 * 16, hidden: int = 64, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         self.flatten = torch.nn.Flatten()
         self.hidden = torch.nn.Linear(in_features, hidden)

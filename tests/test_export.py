@@ -15,7 +15,7 @@ import torch
 import lightning_ood
 from lightning_ood import export as export_module
 from lightning_ood.callbacks import OODEvaluation
-from lightning_ood.data import DigitsDataModule
+from lightning_ood.data import DigitsDataModule, OODSet
 from lightning_ood.data.digits import load_digit_images
 from lightning_ood.detectors import Detector, FitData, WeiPer, build_detector
 from lightning_ood.export import (
@@ -63,7 +63,9 @@ def evaluated(tmp_path_factory):
     file), and keep a Lightning checkpoint of the same model for the bad-file tests."""
     pl.seed_everything(0)
     root = tmp_path_factory.mktemp("evaluated")
-    dm = DigitsDataModule(batch_size=32)
+    # small test sets keep the evaluation pass short: ~145 ID test images, ~355 near-OOD
+    dm = DigitsDataModule(id_classes=range(8), test_fraction=0.1, batch_size=32,
+                          ood_sets=[OODSet("digits_heldout", "near")])
     model = OODClassifier(width=8, num_classes=dm.num_classes)
     # tune="defaults": tuning is covered by its own tests; tuned values reaching the file is
     # covered by test_every_detector_round_trips (non-default ASH/WeiPer settings)
@@ -76,7 +78,7 @@ def evaluated(tmp_path_factory):
     trainer.save_checkpoint(lightning_ckpt)
     model.eval()
     id_images = next(iter(dm.test_dataloader()[0]))[0][:7]
-    ood_images = next(iter(dm.test_dataloader()[2]))[0][:5]
+    ood_images = next(iter(dm.test_dataloader()[1]))[0][:5]
     return SimpleNamespace(root=root, dm=dm, model=model, callback=callback, lightning_ckpt=lightning_ckpt,
                            ckpt=str(root / "report" / CHECKPOINT_NAME), x=torch.cat([id_images, ood_images]))
 
@@ -96,7 +98,7 @@ def test_evaluation_writes_a_safe_file_that_loads_identically_in_a_fresh_process
 
     raw = torch.load(ckpt, weights_only=True)  # tensors and plain values only
     assert raw["format"] == FORMAT and raw["format_version"] == FORMAT_VERSION
-    assert raw["model"]["hparams"]["width"] == 8 and raw["model"]["hparams"]["num_classes"] == 6
+    assert raw["model"]["hparams"]["width"] == 8 and raw["model"]["hparams"]["num_classes"] == 8
     classes = {d["name"]: d["class"] for d in raw["detectors"]}
     assert classes == {"msp": "MSP", "energy": "Energy", "ash_s": "ASH", "weiper": "WeiPer", "feature_norm": "FeatureNorm"}
     weiper_args = next(d["init_args"] for d in raw["detectors"] if d["name"] == "weiper")
@@ -156,7 +158,7 @@ def test_preprocess_applies_the_id_test_transform(evaluated):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     batch = model.preprocess([photo, Image.fromarray(np.zeros((40, 40), dtype=np.uint8))])
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
-    assert model(batch)["logits"].shape == (2, 6)
+    assert model(batch)["logits"].shape == (2, 8)
     with pytest.raises(ValueError, match="already-normalised"):
         model.preprocess(expected)
 
@@ -185,7 +187,7 @@ BAD_FILES = {
     "future_version": (lambda e, p: _rewrite(e, p, lambda r: r.update(format_version=FORMAT_VERSION + 1)),
                        CheckpointError, "newer lightning_ood.*[Uu]pgrade lightning_ood"),
     "wrong_num_classes": (lambda e, p: _rewrite(e, p, lambda r: r["model"]["hparams"].update(num_classes=4)),
-                          CheckpointError, r"do not fit the recorded architecture.*head\.weight: file \(6, 64\) vs model \(4, 64\)"),
+                          CheckpointError, r"do not fit the recorded architecture.*head\.weight: file \(8, 64\) vs model \(4, 64\)"),
     "missing_weight": (lambda e, p: _rewrite(e, p, _drop_key), CheckpointError,
                        r"missing keys: \['backbone\.layer1\.0\.conv1\.weight'\]"),
 }
@@ -249,8 +251,8 @@ def _fitted_classifier(loss: str, names: list[str]) -> OODClassifier:
             detector.percentile = 70.0
         detector.attach(model.head, model.backbone.num_blocks)
         model.detectors[detector.name] = detector
-    with torch.no_grad():
-        x = torch.randn(24, 3, 32, 32)
+    with torch.no_grad():  # 16 px images: the CIFAR-stem ResNet takes any size, and it is fast
+        x = torch.randn(12, 3, 16, 16)
         plain = model.forward_outputs(x, with_block_norms=True)
         shuffled = model.forward_outputs(x.flip(2), with_block_norms=True)
         for detector in model.detectors.values():
@@ -267,12 +269,12 @@ def test_every_detector_round_trips(tmp_path, loss, names):
     model = _fitted_classifier(loss, names)
     first = next(iter(model.detectors))
     path = save_with_detectors(model, tmp_path / "m.ckpt", thresholds={first: 0.0},
-                               preprocessing={"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+                               preprocessing={"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     loaded = load(path)
     assert not loaded.training and list(loaded.detectors) == list(model.detectors)
     for name, detector in model.detectors.items():
         assert loaded.detectors[name].extra_repr() == detector.extra_repr()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         out = loaded(x)
     _assert_outputs_close(out, _reference(model, x), atol=1e-6)
@@ -287,14 +289,18 @@ def test_custom_detectors_are_refused_by_files_and_left_out_of_programs(tmp_path
     with pytest.raises(CheckpointError, match="_DataDependent.*only hold the detectors of lightning_ood.detectors"):
         save_with_detectors(model, tmp_path / "m.ckpt")
     assert os.listdir(tmp_path) == []
-    wrapped = OODModel(model, thresholds={"ash_s": 1.0}, preprocessing={"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+    modes = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    wrapped = OODModel(model, thresholds={"ash_s": 1.0}, preprocessing={"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     result = export_program(wrapped, tmp_path / "m.pt2", example_batch=3)
     assert result["exported"] == ["msp", "ash_s"]
     assert "data-dependent" in result["not_exported"]["data_dependent"]
     assert "NOT exported: data_dependent" in capsys.readouterr().out
     assert max(result["max_abs_diff"].values()) < 1e-5
     module, metadata = load_program(tmp_path / "m.pt2")
-    x = torch.randn(2, 3, 32, 32)
+    # export leaves every train/eval mode and requires_grad flag as it was
+    assert [m.training for m in model.modules()] == modes and [p.requires_grad for p in model.parameters()] == grads
+    x = torch.randn(2, 3, 16, 16)
     out, reference = module(x), _reference(model, x)
     torch.testing.assert_close(out["scores"]["ash_s"], reference["scores"]["ash_s"], atol=1e-5, rtol=0)
     assert set(out["scores"]) == {"msp", "ash_s"} and set(out["is_ood"]) == {"ash_s"}

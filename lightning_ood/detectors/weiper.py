@@ -186,9 +186,10 @@ class WeiPer(Detector):
     kept as buffers, together with the fitted statistics, so that strict
     ``load_state_dict`` restores the detector exactly. Row ``i * C + c`` of
     ``perturbed_weight`` is the i-th perturbation of class c (``view(r, C, D)[i]`` is head
-    i). For ImageNet (r = 100, C = 1000, D = 2048) the buffer takes 819 MB in float32. Fitting streams over the training
-    features twice (global min/max, then summed bin counts) and reduces across ranks, so
-    memory does not grow with N and 1 or N ranks give identical state.
+    i). For ImageNet (r = 100, C = 1000, D = 2048) the buffer takes 819 MB in float32.
+    Fitting streams over the training features twice (global min/max, then summed bin
+    counts) and reduces across ranks, so memory does not grow with N and 1 or N ranks give
+    identical state.
 
     Differences from the authors' code (mgranz/weiper), all deliberate:
 
@@ -401,7 +402,8 @@ class WeiPer(Detector):
         count = torch.zeros((), dtype=torch.int64, device=device)
         for z in chunks():
             parts = [torch.aminmax(z)]
-            parts += [torch.aminmax(torch.addmm(b, z, w.t())) for w, b in self._column_blocks(len(z))]
+            parts += [torch.aminmax(torch.addmm(b, z, w.t()))
+                      for w, b in self._column_blocks(len(z))]
             lows, highs = (torch.stack(v) for v in zip(*parts))
             extremes = torch.maximum(extremes, torch.stack(
                 [-lows[0], highs[0], -lows[1:].min(), highs[1:].max()]))
@@ -466,7 +468,8 @@ class WeiPer(Detector):
             hist_w = counts_w.float().mm(self.smooth_wz).div_(width)
             d_z = symmetric_kl(self.train_hist_z, hist_z, self.eps_z)
             d_w = symmetric_kl(self.train_hist_wz, hist_w, self.eps_perturbed)
-            scores.append(msp.div_(self.n_repeats).mul_(self.lambda2).sub_(d_z + self.lambda1 * d_w))
+            msp = msp.div_(self.n_repeats)
+            scores.append(self.lambda2 * msp - d_z - self.lambda1 * d_w)
         return torch.cat(scores)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
