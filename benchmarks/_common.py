@@ -45,17 +45,21 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
 
 
 def evaluation_callback(output_dir: str, **overrides: Any):
-    """``OODEvaluation(output_dir=..., plots=False)``; also turns off the evaluated-model
-    checkpoint when this version of the callback has that option (benchmarks read
-    ``.results``; writing a checkpoint per run would only cost time)."""
+    """``OODEvaluation(output_dir=..., plots=False, **overrides)``; also turns off the
+    evaluated-model checkpoint when this version of the callback has that option (benchmarks
+    read ``.results``; writing a checkpoint per run would only cost time). ``tune=None``
+    keeps the callback's default tuning mode."""
     import inspect
 
     from lightning_ood.callbacks import OODEvaluation
 
     kwargs: dict[str, Any] = dict(output_dir=output_dir, plots=False)
-    if "save_checkpoint" in inspect.signature(OODEvaluation.__init__).parameters:
+    accepted = inspect.signature(OODEvaluation.__init__).parameters
+    if "save_checkpoint" in accepted:
         kwargs["save_checkpoint"] = False
     kwargs.update(overrides)
+    if kwargs.get("tune") is None or "tune" not in accepted:  # None: the callback's default
+        kwargs.pop("tune", None)
     return OODEvaluation(**kwargs)
 
 
@@ -132,3 +136,13 @@ class SmallerDigits(DigitsDataModule):
         super().setup(stage)
         self.test_set = _truncate(self.test_set, self.max_test)
         self.ood_test_sets = {k: _truncate(v, self.max_test) for k, v in self.ood_test_sets.items()}
+
+
+def tune_default() -> str:
+    """The callback's default ``tune`` mode ("none" for versions without tuning)."""
+    import inspect
+
+    from lightning_ood.callbacks import OODEvaluation
+
+    parameter = inspect.signature(OODEvaluation.__init__).parameters.get("tune")
+    return "none" if parameter is None else str(parameter.default)

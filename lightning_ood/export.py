@@ -44,6 +44,7 @@ import os
 import pickle
 import sys
 import uuid
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
@@ -871,9 +872,15 @@ def export_program(
             reference = model.forward_outputs(example)
             got = program.module()(example)
             diffs = {"logits": float((got["logits"] - reference.logits).abs().max())}
+            scale = {"logits": float(reference.logits.abs().max())}
             for name in scores:
                 expected = model.detectors[name](reference)
                 diffs[name] = float((got["scores"][name] - expected).abs().max())
+                scale[name] = float(expected.abs().max())
+        drifted = [n for n, d in diffs.items() if not d <= 1e-4 * max(1.0, scale[n])]
+        if drifted:  # an export twin disagrees with its detector: a bug, say it loudly
+            warnings.warn(f"the exported program differs from the eager model for {drifted} "
+                          f"(max abs differences {[diffs[n] for n in drifted]}); please report this")
         metadata = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lightning_ood_version": __version__,
             "input": "normalised float32 (B, 3, H, W)", "input_shape": [None, 3, height, width],

@@ -123,6 +123,16 @@ class OODClassifier(pl.LightningModule):
             block_norms=torch.stack(block_norms, dim=1) if block_norms is not None else None,
         )
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes and data_classes != self.num_classes:
+            raise ValueError(
+                f"the model has num_classes={self.num_classes} but the datamodule "
+                f"{type(datamodule).__name__} has {data_classes} classes: use the data the model "
+                "(or checkpoint) was trained on, or a new model"
+            )
+
     def on_fit_start(self) -> None:
         if self.hparams.get("compile") and self._compiled_backbone is None:
             try:

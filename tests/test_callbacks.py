@@ -116,8 +116,6 @@ def test_two_processes_give_the_results_of_one(one_process, two_processes):
     assert len({round(a, 6) for a in aurocs.values()}) > 2, aurocs
 
 
-@pytest.mark.xfail(strict=True, reason="module.py logs test/acc with MulticlassAccuracy over the padded DDP test "
-                   "sampler: 2 ranks count 24 ID samples instead of 23 (see helper report); results.json is right")
 def test_logged_test_accuracy_ignores_ddp_padding(one_process, two_processes):
     assert float(one_process["metrics"]["test/acc"]) == pytest.approx(one_process["results"]["id"]["accuracy"])
     assert float(two_processes["metrics"]["test/acc"]) == pytest.approx(two_processes["results"]["id"]["accuracy"])

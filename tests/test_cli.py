@@ -14,6 +14,9 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_ood.cli import OODCLI, check_checkpoint_fits
 from lightning_ood.data import OODSet
 from lightning_ood.module import OODClassifier
+from tests.helpers import SUBPROCESS_THREADS, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -43,8 +46,16 @@ def _name(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _recipe(name):
+    """The paper recipe of a config; ``*_fast`` variants share their base config's recipe."""
+    return RECIPES[name[: -len("_fast")] if name.endswith("_fast") else name]
+
+
 def test_all_recipe_configs_exist():
-    assert {_name(p) for p in CONFIGS} == set(RECIPES) | {"quickstart"}
+    names = {_name(p) for p in CONFIGS}
+    assert set(RECIPES) | {"quickstart"} <= names
+    for name in names - {"quickstart"}:
+        _recipe(name)  # every other config follows one of the recipes
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
@@ -63,9 +74,9 @@ def test_print_config(path, capsys):
     if name == "quickstart":
         assert config["data"]["class_path"] == "lightning_ood.data.DigitsDataModule"
         return
-    epochs, lr, wd, nesterov, scheduler, milestones, batch = RECIPES[name]
+    epochs, lr, wd, nesterov, scheduler, milestones, batch = _recipe(name)
     model, data = config["model"], config["data"]["init_args"]
-    assert model["loss"] == name.split("_resnet")[1][3:]  # "..._resnet18_<loss>"
+    assert model["loss"] == name.removesuffix("_fast").split("_resnet")[1][3:]  # "..._resnet18_<loss>[_fast]"
     assert model["backbone"] == ("resnet50" if name.startswith("imagenet") else "resnet18")
     assert config["trainer"]["max_epochs"] == epochs and data["batch_size"] == batch
     assert (model["lr"], model["weight_decay"], model["momentum"]) == (lr, wd, 0.9)
@@ -109,7 +120,7 @@ def test_recipe_config_instantiates(path, tiny_tree):
         args += ["--data.train_dir", str(tiny_tree / "train"), "--data.test_dir", str(tiny_tree / "val")]
     cli = OODCLI(args=args, run=False)
     name = _name(path)
-    epochs, lr, wd, nesterov, scheduler, milestones, batch = RECIPES[name]
+    epochs, lr, wd, nesterov, scheduler, milestones, batch = _recipe(name)
     expected_classes = {"cifar10_": 10, "cifar100": 100, "imagenet": 2}[name[:8]]
     assert cli.datamodule.num_classes == expected_classes == cli.model.num_classes
     assert cli.model.head(torch.zeros(1, cli.model.backbone.num_features)).shape == (1, expected_classes)
@@ -132,7 +143,7 @@ def test_recipe_config_instantiates(path, tiny_tree):
 def test_unknown_loss_fails_at_parse_time_listing_choices():
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "train.py"), "fit", "--config", QUICKSTART, "--model.loss", "nope"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, **SUBPROCESS_THREADS, "WANDB_MODE": "disabled"}, timeout=300,
     )
     assert result.returncode != 0
     assert "model.loss" in result.stderr and "nope" in result.stderr

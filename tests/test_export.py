@@ -63,8 +63,8 @@ def evaluated(tmp_path_factory):
     file), and keep a Lightning checkpoint of the same model for the bad-file tests."""
     pl.seed_everything(0)
     root = tmp_path_factory.mktemp("evaluated")
-    # small test sets keep the evaluation pass short: ~145 ID test images, ~355 near-OOD
-    dm = DigitsDataModule(id_classes=range(8), test_fraction=0.1, batch_size=32,
+    # small test sets keep the evaluation pass short: ~80 ID test images, ~180 near-OOD (digit 9)
+    dm = DigitsDataModule(id_classes=range(9), test_fraction=0.05, batch_size=32,
                           ood_sets=[OODSet("digits_heldout", "near")])
     model = OODClassifier(width=8, num_classes=dm.num_classes)
     # tune="defaults": tuning is covered by its own tests; tuned values reaching the file is
@@ -98,7 +98,7 @@ def test_evaluation_writes_a_safe_file_that_loads_identically_in_a_fresh_process
 
     raw = torch.load(ckpt, weights_only=True)  # tensors and plain values only
     assert raw["format"] == FORMAT and raw["format_version"] == FORMAT_VERSION
-    assert raw["model"]["hparams"]["width"] == 8 and raw["model"]["hparams"]["num_classes"] == 8
+    assert raw["model"]["hparams"]["width"] == 8 and raw["model"]["hparams"]["num_classes"] == 9
     classes = {d["name"]: d["class"] for d in raw["detectors"]}
     assert classes == {"msp": "MSP", "energy": "Energy", "ash_s": "ASH", "weiper": "WeiPer", "feature_norm": "FeatureNorm"}
     weiper_args = next(d["init_args"] for d in raw["detectors"] if d["name"] == "weiper")
@@ -158,7 +158,7 @@ def test_preprocess_applies_the_id_test_transform(evaluated):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     batch = model.preprocess([photo, Image.fromarray(np.zeros((40, 40), dtype=np.uint8))])
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
-    assert model(batch)["logits"].shape == (2, 8)
+    assert model(batch)["logits"].shape == (2, 9)
     with pytest.raises(ValueError, match="already-normalised"):
         model.preprocess(expected)
 
@@ -187,7 +187,7 @@ BAD_FILES = {
     "future_version": (lambda e, p: _rewrite(e, p, lambda r: r.update(format_version=FORMAT_VERSION + 1)),
                        CheckpointError, "newer lightning_ood.*[Uu]pgrade lightning_ood"),
     "wrong_num_classes": (lambda e, p: _rewrite(e, p, lambda r: r["model"]["hparams"].update(num_classes=4)),
-                          CheckpointError, r"do not fit the recorded architecture.*head\.weight: file \(8, 64\) vs model \(4, 64\)"),
+                          CheckpointError, r"do not fit the recorded architecture.*head\.weight: file \(9, 64\) vs model \(4, 64\)"),
     "missing_weight": (lambda e, p: _rewrite(e, p, _drop_key), CheckpointError,
                        r"missing keys: \['backbone\.layer1\.0\.conv1\.weight'\]"),
 }
@@ -279,8 +279,8 @@ def test_every_detector_round_trips(tmp_path, loss, names):
         out = loaded(x)
     _assert_outputs_close(out, _reference(model, x), atol=1e-6)
     assert set(out["is_ood"]) == set(loaded.thresholds)
-    resaved = save_with_detectors(loaded, tmp_path / "again.ckpt")  # keeps thresholds and preprocessing
-    assert load(resaved).thresholds == loaded.thresholds and load(resaved).preprocessing == loaded.preprocessing
+    reloaded = load(save_with_detectors(loaded, tmp_path / "again.ckpt"))  # keeps thresholds, preprocessing
+    assert reloaded.thresholds == loaded.thresholds and reloaded.preprocessing == loaded.preprocessing
 
 
 def test_custom_detectors_are_refused_by_files_and_left_out_of_programs(tmp_path, capsys):
@@ -296,15 +296,11 @@ def test_custom_detectors_are_refused_by_files_and_left_out_of_programs(tmp_path
     assert result["exported"] == ["msp", "ash_s"]
     assert "data-dependent" in result["not_exported"]["data_dependent"]
     assert "NOT exported: data_dependent" in capsys.readouterr().out
-    assert max(result["max_abs_diff"].values()) < 1e-5
-    module, metadata = load_program(tmp_path / "m.pt2")
+    # the program, run on the example batch, against the eager model (load_program: e2e test)
+    assert set(result["max_abs_diff"]) == {"logits", "msp", "ash_s"} and max(result["max_abs_diff"].values()) < 1e-5
+    assert os.path.isfile(tmp_path / "m.pt2")
     # export leaves every train/eval mode and requires_grad flag as it was
     assert [m.training for m in model.modules()] == modes and [p.requires_grad for p in model.parameters()] == grads
-    x = torch.randn(2, 3, 16, 16)
-    out, reference = module(x), _reference(model, x)
-    torch.testing.assert_close(out["scores"]["ash_s"], reference["scores"]["ash_s"], atol=1e-5, rtol=0)
-    assert set(out["scores"]) == {"msp", "ash_s"} and set(out["is_ood"]) == {"ash_s"}
-    assert metadata["not_exported"] == result["not_exported"]
 
 
 def test_cli_reports_missing_and_foreign_files(tmp_path, capsys):

@@ -10,6 +10,9 @@ from lightning_ood.data import DigitsDataModule
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.heads import IsoMaxPlusHead, L2NormalizedHead, LinearHead
 from lightning_ood.module import OODClassifier
+from tests.helpers import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -181,18 +184,13 @@ def test_checkpoint_loads_with_weights_only(trained_checkpoint):
 
 
 def test_checkpoint_with_other_class_count_fails_to_resume(trained_checkpoint):
-    """Resuming a 10-class checkpoint on the 6-class digits datamodule fails at load time."""
+    """Resuming a 10-class checkpoint on the 6-class digits datamodule fails before loading."""
     path, _ = trained_checkpoint
-    model = OODClassifier(loss="isomax_plus", num_classes=6, width=8)
-    with pytest.raises(RuntimeError, match=r"size mismatch for head\.prototypes"):
+    model = OODClassifier(loss="isomax_plus", num_classes=10, width=8)
+    with pytest.raises(ValueError, match="num_classes=10"):
         _trainer(max_steps=3, limit_val_batches=1).fit(model, datamodule=DigitsDataModule(batch_size=16), ckpt_path=str(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="module.py has no check that the model's num_classes equals the datamodule's: a 10-class "
-    "checkpoint tests silently on 6-class data (see helper report)",
-)
 def test_testing_a_model_on_a_datamodule_with_other_class_count_fails_clearly(trained_checkpoint):
     path, _ = trained_checkpoint
     model = OODClassifier.load_from_checkpoint(path, map_location="cpu")

@@ -16,6 +16,9 @@ from pytorch_lightning.loggers import WandbLogger
 
 from lightning_ood.data import DigitsDataModule
 from lightning_ood.module import OODClassifier
+from tests.helpers import SUBPROCESS_THREADS, single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +70,7 @@ def _train_cli(save_dir, cwd):
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--model.width", "8", "--trainer.logger.init_args.save_dir", str(save_dir),
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, **SUBPROCESS_THREADS, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -7,10 +7,10 @@ from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms as T
 
-from lightning_ood.distributed import rank_and_world
+from lightning_ood.distributed import is_distributed, rank_and_world
 
 OOD_LABEL = -1
 
@@ -55,6 +55,23 @@ class IndexedDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, (OOD_LABEL if self.ood else int(label)), index
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sampler for multiple processes: rank r takes samples r, r + w, r + 2w ...
+
+    Unlike Lightning's default ``DistributedSampler`` it never repeats samples to give
+    every rank the same length, so metrics logged per step (e.g. ``test/acc``) count every
+    sample exactly once. Shards may differ in length by one.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def small_image_transforms(mean: Sequence[float], std: Sequence[float], size: int = 32) -> tuple[Callable, Callable]:
@@ -181,12 +198,18 @@ class OODDataModule(pl.LightningDataModule):
         return {spec.name: spec.group for spec in self.ood_sets}
 
     # ------------------------------------------------------------ dataloaders
-    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False,
+                sampler: Optional[DistributedSampler] = None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last,
+            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """Evaluation loader; under multiple processes each rank reads its own unpadded
+        shard (Lightning keeps a sampler that is already a DistributedSampler)."""
+        return self._loader(dataset, sampler=UnpaddedDistributedSampler(dataset) if is_distributed() else None)
 
     def train_tensors(self) -> Optional[tuple[Tensor, Tensor]]:
         """The training split as ``(images, labels)`` tensors in ``train_set`` order, images
@@ -211,11 +234,11 @@ class OODDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         if self.val_set is None or len(self.val_set) == 0:
             return []
-        return [self._loader(self.val_set)]
+        return [self._eval_loader(self.val_set)]
 
     def test_dataloader(self) -> list[DataLoader]:
         assert self.test_set is not None
-        return [self._loader(self.test_set)] + [self._loader(d) for d in self.ood_test_sets.values()]
+        return [self._eval_loader(self.test_set)] + [self._eval_loader(d) for d in self.ood_test_sets.values()]
 
     def fit_dataloader(self, max_samples: Optional[int] = None) -> DataLoader:
         """ID training images with the *test* transform, for fitting detectors.

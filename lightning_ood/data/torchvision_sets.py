@@ -65,9 +65,16 @@ class _TorchvisionDataModule(OODDataModule):
         self.std = tuple(std) if std is not None else type(self).std
 
     def prepare_data(self) -> None:
+        """Download the ID splits and the torchvision OOD sets (Lightning calls this on one
+        process per node, so ranks never download the same files concurrently in setup)."""
         if self.download:
             open_torchvision(self.name, self.root, True, True)
             open_torchvision(self.name, self.root, False, True)
+            from lightning_ood.data.ood import TORCHVISION_OOD
+
+            for spec in self.ood_sets:
+                if spec.path is None and spec.name in TORCHVISION_OOD:
+                    open_torchvision(spec.name, self.root, False, True)
 
     def test_transform(self) -> Callable:
         return small_image_transforms(self.mean, self.std, self.image_size)[1]

@@ -1,7 +1,7 @@
 """ASH: activation shaping of the pooled penultimate features at test time."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,13 @@ class ASH(Detector):
     def percentile(self, value: float) -> None:
         check_percentile(value)
         self.pruning_percentile.fill_(float(value))
+
+    def skip_reason(self, head: nn.Module, num_blocks: int = 0) -> Optional[str]:
+        width = getattr(head, "in_features", None)
+        if width is not None and width - round(width * self.percentile / 100.0) < 1:
+            return (f"percentile {self.percentile} keeps none of the {width} features per sample; "
+                    "use a smaller percentile")
+        return None
 
     def attach(self, head: nn.Module, num_blocks: int = 0) -> None:
         self._head = (head,)
