@@ -125,7 +125,7 @@ def timed_test(model: OODClassifier, dm: OODDataModule, accelerator: str, with_d
 
 
 def pass_ratio(args: argparse.Namespace, width: int) -> dict[str, Any]:
-    accelerator = "gpu" if args.gpu else "cpu"
+    accelerator = "gpu" if args.gpu and torch.cuda.is_available() else "cpu"
     if args.gpu:
         dm: OODDataModule = SyntheticDataModule(args.n_train, args.n_test, batch_size=args.batch)
     else:
@@ -294,9 +294,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.gpu:
         args.widths, args.batch, args.n_train, args.n_test = [64], 256, 50_000, 10_000
         args.fit_samples = 5000
+        if not torch.cuda.is_available():
+            print("no CUDA device: running the --gpu measurement on the CPU (only useful as a smoke test)")
     if args.tiny:
         args.widths, args.repeats, args.max_test, args.val_size, args.fit_samples = [4], 1, 48, 32, 64
-        args.n_train, args.n_test = 256, 128
+        args.n_train, args.n_test, args.batch = 256, 128, 32
         args.tune = args.tune or "defaults"  # published hyper-parameters: no tuning grid in a smoke run
         sizes = dict(fit=500, score=200, small=100, large=400, fresh_process=False)
     if args.threads:

@@ -48,6 +48,11 @@ CASES = {
           "fitted state bytes (N small / large)"]],
         ["| weiper |", "| feature_norm |", "| WeiPer (", "| FeatureNorm ("],
     ),
+    "eval_speed_gpu_path": (  # the --gpu code path (synthetic CIFAR-size data) runs on the CPU here
+        ["eval_speed.py", "--tiny", "--gpu"],
+        [["model", "images", "plain test pass s", "test pass with every detector s", "ratio"]],
+        ["| ResNet18 width 4 |"],
+    ),
     "ddp_scaling": (
         ["ddp_scaling.py", "--tiny"],
         [["processes", "torch threads / process", "trainer.test() wall s (incl. start-up)",

@@ -60,10 +60,12 @@ def test_isomax_plus_zero_distance():
     """A feature equal (up to scale) to a prototype has distance 0: logit exactly 0, the maximum."""
     torch.manual_seed(0)
     head = IsoMaxPlusHead(8, 3)
-    features = 3.0 * head.prototypes.detach()[1:2]
+    features = (3.0 * head.prototypes.detach()[1:2]).requires_grad_(True)
     logits = head(features)
     assert logits[0].argmax().item() == 1
     assert abs(logits[0, 1].item()) < 1e-6
+    logits.sum().backward()  # the distance's gradient at 0 stays finite (no NaN from sqrt)
+    assert torch.isfinite(features.grad).all() and torch.isfinite(head.prototypes.grad).all()
 
 
 def test_isomax_plus_is_scale_invariant_in_features():

@@ -34,7 +34,7 @@ def photo_patches(n: int = 500, size: int = 32, seed: int = 0) -> Tensor:
     from sklearn.datasets import load_sample_images
 
     generator = torch.Generator().manual_seed(seed)
-    photos = [torch.as_tensor(img, dtype=torch.float32).permute(2, 0, 1) / 255.0 for img in load_sample_images().images]
+    photos = [torch.tensor(img, dtype=torch.float32).permute(2, 0, 1) / 255.0 for img in load_sample_images().images]
     patches = []
     for i in range(n):
         photo = photos[i % len(photos)]

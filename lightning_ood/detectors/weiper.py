@@ -299,6 +299,8 @@ class WeiPer(Detector):
         b = torch.zeros(classes) if bias is None else bias.detach().to("cpu", torch.float32)
         if b.shape != (classes,):
             raise ValueError(f"bias must be ({classes},), got shape {tuple(b.shape)}")
+        # kept (unregistered) so set_hyperparameters can redraw W~ for another delta
+        self._source = (weight.detach(), None if bias is None else bias.detach())
         generator = torch.Generator().manual_seed(self.seed)
         perturbed = torch.randn(self.n_repeats, classes, dim, generator=generator)
         perturbed.div_(perturbed.norm(dim=2, keepdim=True).clamp_(min=1e-12))
@@ -335,6 +337,33 @@ class WeiPer(Detector):
         if tuple(head.weight.shape) != expected:
             raise ValueError(f"head weight {tuple(head.weight.shape)} does not match the "
                              f"(C, D) = {expected} this WeiPer was built for")
+
+    def set_hyperparameters(self, **values: float) -> bool:
+        """Change hyper-parameters in place (used by :mod:`lightning_ood.tuning`).
+
+        Returns ``True`` when the training statistics are now stale and :meth:`fit` must
+        run again: ``delta``, ``n_repeats`` or ``seed`` redraw ``W~`` from the same head,
+        ``n_bins`` changes the histograms. The lambdas, smoothing widths and epsilons only
+        change scoring.
+        """
+        types = {"delta": float, "n_repeats": int, "n_bins": int, "seed": int, "lambda1": float,
+                 "lambda2": float, "smoothing": int, "smoothing_perturbed": int, "eps_z": float,
+                 "eps_perturbed": float}
+        unknown = set(values) - set(types)
+        if unknown:
+            raise ValueError(f"unknown WeiPer hyper-parameters {sorted(unknown)}; valid: {sorted(types)}")
+        changed = {k for k, v in values.items() if getattr(self, k) != types[k](v)}
+        for key in changed:
+            setattr(self, key, types[key](values[key]))
+        device = self.smooth_z.device
+        if changed & {"n_bins", "smoothing"}:
+            self.smooth_z = box_smoothing_matrix(self.n_bins, self.smoothing).to(device)
+        if changed & {"n_bins", "smoothing_perturbed"}:
+            self.smooth_wz = box_smoothing_matrix(self.n_bins, self.smoothing_perturbed).to(device)
+        refit = bool(changed & {"delta", "n_repeats", "n_bins", "seed"})
+        if refit and self.perturbed_weight is not None:
+            self._allocate(*self._source)
+        return refit
 
     # ------------------------------------------------------------------ helpers
     def _require_allocated(self) -> None:
