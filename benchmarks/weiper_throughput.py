@@ -16,20 +16,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import gc
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import torch
-from torch import Tensor, nn
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's C++ logging quiet
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ood.detectors.weiper import WeiPer  # noqa: E402
@@ -79,44 +77,22 @@ def best_seconds(fn: Callable[[], object], repeats: int,
     return min(wall), min(cpu)
 
 
-def _status_mb(field: str) -> Optional[float]:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"{field}:\s+(\d+) kB", text)
-    return int(match.group(1)) / 1024 if match else None
+def peak_tensor_mb(fn: Callable[[], object]) -> float:
+    """Peak MB of torch CPU tensors allocated by ``fn`` and alive at the same time.
 
-
-def peak_extra_mb(fn: Callable[[], object]) -> Optional[float]:
-    """Peak resident memory (MB) that ``fn`` adds on top of the memory in use before it.
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``); ``None`` where that is
-    not available.
+    Replays the allocation and free events recorded by ``torch.profiler`` (op
+    granularity: a temporary freed inside the op that made it is not seen). Unlike the
+    resident set size, this does not move when the kernel pages shared libraries out and
+    back in, as it does on this machine.
     """
-    gc.collect()
-    try:  # hand freed heap pages back first, so "before" is what is really in use
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    before = _status_mb("VmRSS")
-    fn()
-    peak = _status_mb("VmHWM")
-    return None if before is None or peak is None else max(0.0, peak - before)
-
-
-def fit_peak_in_fresh_process(preset: str, classes: int, dim: int, n: int,
-                              threads: int) -> Optional[float]:
-    """Peak extra MB of fitting ``n`` streamed samples, measured in a new interpreter so
-    that allocator state left by earlier measurements does not blur the comparison."""
-    command = [sys.executable, __file__, "--memory-worker", preset, str(classes), str(dim),
-               str(n), "--threads", str(threads)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
-    return None if out[-1] == "None" else float(out[-1])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 # --------------------------------------------------------------------------- reference style
@@ -211,19 +187,17 @@ class ReferenceStyleLoop:
 
 # --------------------------------------------------------------------------- benchmark
 def run_case(name: str, preset: str, classes: int, dim: int, sizes: dict[str, int],
-             repeats: int, threads: int, fresh_process: bool) -> list[dict[str, object]]:
-    """All measurements of one preset/shape at one thread count (fit memory in fresh
-    interpreters when ``fresh_process``, else in this one)."""
+             repeats: int, threads: int) -> list[dict[str, object]]:
+    """All measurements of one preset/shape at one thread count."""
     torch.set_num_threads(threads)
     det = make_detector(preset, classes, dim)
     train = random_features(sizes["fit"], dim, seed=1)
     test = random_features(sizes["score"], dim, seed=2) * 1.2
     fit_s = best_seconds(lambda: det.fit_features(train), repeats)
     score_s = best_seconds(lambda: det.score_features(test), repeats)
-    mem = [fit_peak_in_fresh_process(preset, classes, dim, n, threads) if fresh_process
-           else peak_extra_mb(lambda n=n: det.fit_features(StreamedFeatures(n, dim, 256, 3)))
+    mem = [peak_tensor_mb(lambda n=n: det.fit_features(StreamedFeatures(n, dim, 256, 3)))
            for n in (sizes["mem_small"], sizes["mem_large"])]
-    score_mem = peak_extra_mb(lambda: det.score_features(test))
+    score_mem = peak_tensor_mb(lambda: det.score_features(test))
     ref = ReferenceStyleLoop(det)
     ref_train, ref_test = train[:sizes["ref_fit"]], test[:sizes["ref_score"]]
     ref_fit_s = best_seconds(lambda: ref.fit(ref_train), 1, warmup=False)
@@ -243,12 +217,12 @@ def run_case(name: str, preset: str, classes: int, dim: int, sizes: dict[str, in
     ]
 
 
-def _mb(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:,.0f}"
+def _mb(value: float) -> str:
+    return f"{value:,.1f}"
 
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
-    lines = ["| case | threads | phase | N | samples/s (wall) | samples/CPU-s | peak extra MB "
+    lines = ["| case | threads | phase | N | samples/s (wall) | samples/CPU-s | peak MB "
              "| reference-style loop samples/s (wall, N) | speed-up (wall) | W~ MB "
              "| corr. with ref-style |", "|" + "---|" * 11]
     for r in rows:
@@ -293,17 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="torch thread counts to measure (default: torch's default)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="markdown file whose weiper_throughput section is refreshed")
-    parser.add_argument("--memory-worker", nargs=4, metavar=("PRESET", "C", "D", "N"),
-                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.memory_worker:
-        preset, classes, dim, n = args.memory_worker
-        torch.set_num_threads(args.threads[0])
-        det = make_detector(preset, int(classes), int(dim))
-        print(peak_extra_mb(lambda: det.fit_features(StreamedFeatures(int(n), int(dim), 256,
-                                                                      seed=3))))
-        return
 
     if args.tiny:
         cases = [("cifar10", "cifar10", 10, 512, dict(fit=400, score=200, mem_small=100,
@@ -321,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                        ref_score=200), 2)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [row for threads in args.threads for name, preset, c, d, sizes, repeats in cases
-            for row in run_case(name, preset, c, d, sizes, repeats, threads, not args.tiny)]
+            for row in run_case(name, preset, c, d, sizes, repeats, threads)]
     table = markdown_table(rows)
     print(table)
     if args.tiny:
@@ -338,9 +302,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "- samples/s (wall) suffers from other jobs on this shared machine (see the load "
         "average); samples/CPU-s counts only the CPU time of this process (all threads), "
         "i.e. what an otherwise idle core achieves in the 1-thread rows",
-        "- peak extra MB: resident-memory high-water mark above what was in use before the "
-        "call (`/proc/self/clear_refs`), W~ itself excluded; fit memory in a fresh process "
-        "per N, on batches of 256 streamed from a generator",
+        "- peak MB: torch CPU tensors alive at the same time during the call (replay of the "
+        "profiler's allocation events; W~ and the input features excluded); fit memory on "
+        "batches of 256 generated on the fly, at two N",
         "- reference-style loop (our re-implementation): the shape of the authors' code "
         "(chunks of 100 samples, broadcast edge comparisons, Conv1d smoothing, Python loop "
         "over the r heads), one W~, measured on the smaller N in brackets; 'corr.' is the "

@@ -325,6 +325,9 @@ class OODEvaluation(pl.Callback):
         if trainer.is_global_zero:
             write_report(self.results, per_set, self._loader_names(), names, keep, output_dir,
                          plots=self.plots, loggers=trainer.loggers)
+        for i, name in enumerate(names):  # skipped detectors are not carried into checkpoints
+            if i not in keep:
+                del pl_module.detectors[name]
         if self.save_checkpoint and trainer.is_global_zero:
             from lightning_ood.export import save_after_evaluation
 

@@ -1,6 +1,7 @@
 """Detector hyper-parameter selection on jigsaw pseudo-OOD / OOD validation data."""
 import pytest
 import pytorch_lightning as pl
+import lightning_ood
 import torch
 from torch import nn
 
@@ -138,10 +139,14 @@ def test_jigsaw_tuning_end_to_end_never_reads_test_data(width, tmp_path):
         aurocs = {row["percentile"]: row["auroc"] for row in entry["grid"]}
         assert aurocs[entry["parameters"]["percentile"]] >= aurocs[entry["default"]["percentile"]]
     assert model.detectors["weiper"].lambda1 == tuning["weiper"]["parameters"]["lambda1"]
-    # the chosen percentile survives a state_dict round trip into a fresh detector
-    fresh = ASH("s", 95.0)
-    fresh.load_state_dict(model.detectors["ash_s"].state_dict())
-    assert fresh.percentile == tuning["ash_s"]["parameters"]["percentile"]
+    # the chosen values survive the checkpoint the callback wrote
+    loaded = lightning_ood.load(callback.checkpoint_path)
+    assert loaded.detectors["ash_s"].percentile == tuning["ash_s"]["parameters"]["percentile"]
+    for key, value in tuning["weiper"]["parameters"].items():
+        assert getattr(loaded.detectors["weiper"], key) == value
+    images = torch.randn(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(loaded(images)["scores"]["weiper"], model.detectors["weiper"](model.forward_outputs(images)))
 
 
 def test_tuning_is_deterministic_for_a_seed(tmp_path):
