@@ -83,7 +83,7 @@ def _verdict(delta: float, noise: float) -> str:
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, str, str]:
     """(quality table, ID accuracy table, notes) from the runs of every loss."""
-    rows, acc_rows, notes = [], [], []
+    rows, acc_rows, notes, warnings = [], [], [], []
     for loss, loss_runs in runs.items():
         results = [r["results"] for r in loss_runs]
         names = [n for n in ORDER if n in results[0]["metrics"]]
@@ -116,6 +116,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, str, str]:
         by_det = results[0]["id"].get("accuracy_by_detector", {})
         shaped = ", ".join(f"{d}-shaped {_fmt([r['id']['accuracy_by_detector'][d] for r in results])}"
                            for d in by_det)
+        accuracy_mean = _common.mean_std([r["id"]["accuracy"] for r in results])[0]
+        if accuracy_mean < 0.9:
+            warnings.append(f"- **{loss}: ID accuracy {100 * accuracy_mean:.1f}%** — under-trained in this "
+                            "budget; its OOD rows describe a weak classifier, not the method at convergence")
         med = lambda key: _common.median([r[key] for r in loss_runs])  # noqa: E731
         acc_rows.append([loss, _fmt([r["id"]["accuracy"] for r in results]), shaped or "—",
                          f"{med('fit_s'):.0f} / {med('test_s'):.0f} ({med('fit_cpu'):.0f} / {med('test_cpu'):.0f} CPU)"])
@@ -126,7 +130,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> tuple[str, str, str]:
     quality = _common.markdown_table(COLUMNS, rows)
     accuracy = _common.markdown_table(("loss", "ID accuracy %", "ID accuracy with shaped logits %",
                                        "median train / evaluate s (CPU s)"), acc_rows)
-    return quality, accuracy, "\n".join(notes)
+    return quality, "\n".join([accuracy, *([""] + warnings if warnings else [])]), "\n".join(notes)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

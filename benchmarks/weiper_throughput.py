@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's C++ logging quiet
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ood.detectors.weiper import WeiPer  # noqa: E402
@@ -248,6 +247,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def load_average() -> float:
+    """1-minute load average (NaN where the OS does not report it)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def write_section(path: Path, body: str) -> None:
     """Replace (or append) this script's delimited section of ``path``."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -281,9 +285,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                   dict(fit=50_000, score=10_000, mem_small=10_000, mem_large=100_000,
                        ref_fit=5_000, ref_score=2_000), 3),
                  ("imagenet (C=1000, D=2048)", "imagenet", 1000, 2048,
-                  dict(fit=2_048, score=1_024, mem_small=512, mem_large=2_048, ref_fit=200,
+                  dict(fit=1_024, score=1_024, mem_small=256, mem_large=1_024, ref_fit=200,
                        ref_score=200), 2)]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    started = time.perf_counter()
+    load = load_average()
     rows = [row for threads in args.threads for name, preset, c, d, sizes, repeats in cases
             for row in run_case(name, preset, c, d, sizes, repeats, threads)]
     table = markdown_table(rows)
@@ -295,7 +300,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "## WeiPer throughput (CPU)",
         "",
         f"- machine: {machine()}; torch {torch.__version__}; "
-        f"date {datetime.date.today().isoformat()}; 1-min load average at start {load:.2f}",
+        f"date {datetime.date.today().isoformat()}; runtime "
+        f"{(time.perf_counter() - started) / 60:.1f} min; 1-min load average at start "
+        f"{load:.2f}, at end {load_average():.2f}",
         f"- command: `{command.strip()}`",
         "- random ReLU'd Gaussian features; presets from METHODS.md (r = 100, 100 bins); "
         "best of several runs; fit reads the data twice (global min/max, then bin counts)",

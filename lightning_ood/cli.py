@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import yaml
@@ -13,6 +13,18 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.module import OODClassifier
 from lightning_ood.runs import run_directory
+
+
+def instantiate_with_clear_errors(instantiate: Callable[[], None]) -> None:
+    """jsonargparse wraps an error raised while building a subclass (a missing data folder,
+    a bad argument) in "Does not validate against any of the Union subtypes"; raise the
+    original, clear error instead."""
+    try:
+        instantiate()
+    except ValueError as err:
+        if "Union subtypes" in str(err) and isinstance(err.__cause__, (FileNotFoundError, ValueError)):
+            raise err.__cause__ from None
+        raise
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -57,6 +69,9 @@ class OODCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        instantiate_with_clear_errors(super().instantiate_classes)
+
     def after_fit(self) -> None:
         from lightning_ood.callbacks import OODEvaluation
 
@@ -85,6 +100,9 @@ class EvaluateCLI(LightningCLI):
                             help="training checkpoint (.ckpt) of an OODClassifier to evaluate")
         parser.set_defaults({"model": {"class_path": "lightning_ood.module.OODClassifier"}})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        instantiate_with_clear_errors(super().instantiate_classes)
 
     def run(self) -> None:
         from lightning_ood.callbacks import OODEvaluation

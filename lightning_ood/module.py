@@ -91,12 +91,19 @@ class OODClassifier(pl.LightningModule):
         from lightning_ood.io import load_state_dict_file
 
         backbone_state, head_state = split_torchvision_state_dict(load_state_dict_file(path))
-        missing, unexpected = self.backbone.load_state_dict(backbone_state, strict=False)
-        if missing or unexpected:
+        own = self.backbone.state_dict()
+        missing = [k for k in own if k not in backbone_state]
+        unexpected = [k for k in backbone_state if k not in own]
+        mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in backbone_state.items()
+                      if k in own and v.shape != own[k].shape]
+        if missing or unexpected or mismatched:
             raise ValueError(
-                f"{path} does not fit backbone {self.hparams['backbone']!r} "
-                f"(cifar_stem={self.backbone.cifar_stem}): missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{path} does not fit backbone {self.hparams['backbone']!r} (cifar_stem={self.backbone.cifar_stem}, "
+                f"width={self.backbone.width}): missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch "
+                f"(file vs model) {mismatched[:5]}. torchvision ImageNet ResNets need --model.cifar_stem false "
+                "and --model.width 64"
             )
+        self.backbone.load_state_dict(backbone_state)
         head_weight = getattr(self.head, "weight", None)
         if head_state and head_weight is not None and head_state["weight"].shape == head_weight.shape:
             self.head.load_state_dict(head_state)

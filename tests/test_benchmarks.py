@@ -57,7 +57,7 @@ CASES = {
         ["ddp_scaling.py", "--tiny"],
         [["processes", "torch threads / process", "trainer.test() wall s (incl. start-up)",
           "max abs metric diff vs 1 process"]],
-        ["| 1 | 1 |", "| 2 | 1 |"],
+        ["\n| 1 | ", "\n| 2 | "],
     ),
     "weiper_throughput": (["weiper_throughput.py", "--tiny"], [], []),
 }

@@ -124,11 +124,6 @@ def test_non_resnet_weights_file_gives_a_clear_error(tmp_path):
         OODClassifier(backbone="resnet18", num_classes=10, pretrained=str(path))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="module.py: shape mismatches raise torch's bare 'size mismatch' RuntimeError before the "
-    "clear ValueError; the lead should check shapes first (see helper report)",
-)
 @pytest.mark.parametrize("arch, cifar_stem", [("resnet50", False), ("resnet18", True)])
 def test_wrong_architecture_file_gives_a_clear_error(tmp_path, arch, cifar_stem):
     path = tmp_path / "resnet18.pth"
