@@ -1,7 +1,6 @@
 """Collectives that are no-ops in a single process, so detectors fit identically on 1 or N ranks."""
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

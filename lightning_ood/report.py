@@ -4,9 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 from lightning_ood.metrics import ood_metrics

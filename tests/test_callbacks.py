@@ -15,20 +15,6 @@ from tests.ddp_eval_script import DETECTORS, SIZES, RandomOODDataModule, make_mo
 BATCH = 4  # RandomOODDataModule's default batch size
 
 
-@pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CountBackboneCalls(pl.Callback):
     """Counts calls of ``pl_module.backbone`` (a forward pre-hook): those made before the
     first test batch (the detectors' fit pass) and those made during each test batch."""

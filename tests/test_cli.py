@@ -14,9 +14,8 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_ood.cli import OODCLI, check_checkpoint_fits
 from lightning_ood.data import OODSet
 from lightning_ood.module import OODClassifier
-from tests.helpers import SUBPROCESS_THREADS, single_thread  # noqa: F401
+from tests.helpers import SUBPROCESS_THREADS
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -35,11 +34,6 @@ for _loss in ("ce", "isomax_plus", "l2_norm"):
     RECIPES[f"cifar100_resnet18_{_loss}"] = RECIPES[f"cifar10_resnet18_{_loss}"]
 
 OPENOOD_CIFAR_FAR = {"mnist", "svhn", "textures", "places365"}
-
-
-@pytest.fixture(autouse=True)
-def _no_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
 def _name(path):

@@ -12,9 +12,6 @@ import torch
 
 from lightning_ood.data import DigitsDataModule
 from lightning_ood.module import OODClassifier
-from tests.helpers import single_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _trainer(tmp_path, sync_batchnorm):

@@ -20,12 +20,7 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # LightningCLI(args=...) warns about pytest's own argv
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ from lightning_ood.data import DigitsDataModule
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.heads import IsoMaxPlusHead, L2NormalizedHead, LinearHead
 from lightning_ood.module import OODClassifier
-from tests.helpers import single_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _trainer(**kwargs) -> pl.Trainer:

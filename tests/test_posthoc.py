@@ -8,15 +8,6 @@ from lightning_ood.posthoc import PostHocClassifier
 from tests.ddp_eval_script import NUM_CLASSES, SIZES, FlatMLP, RandomOODDataModule, make_callback, trainer_kwargs
 
 
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def resnet_weights(tmp_path_factory):
     """A state_dict file of a random torchvision resnet18 with NUM_CLASSES outputs."""

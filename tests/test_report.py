@@ -149,16 +149,11 @@ def test_wandb_offline_run_holds_table_and_images(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        logger = WandbLogger(save_dir=str(tmp_path), project="lightning_ood_test")
-        callback = make_callback(detectors=["msp", "energy"], plots=True, output_dir=str(tmp_path / "out"))
-        trainer = pl.Trainer(**trainer_kwargs(logger=logger, callbacks=[callback]))
-        trainer.test(make_model(), datamodule=RandomOODDataModule())
-        logger.experiment.finish()
-    finally:
-        torch.set_num_threads(threads)
+    logger = WandbLogger(save_dir=str(tmp_path), project="lightning_ood_test")
+    callback = make_callback(detectors=["msp", "energy"], plots=True, output_dir=str(tmp_path / "out"))
+    trainer = pl.Trainer(**trainer_kwargs(logger=logger, callbacks=[callback]))
+    trainer.test(make_model(), datamodule=RandomOODDataModule())
+    logger.experiment.finish()
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert len(runs) == 1, os.listdir(tmp_path)
     run = runs[0]

@@ -12,9 +12,6 @@ from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.module import OODClassifier
 from lightning_ood.tuning import TuningData, tune_ash, tune_weiper
-from tests.helpers import single_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _outputs(features: torch.Tensor, head: nn.Module) -> ForwardOutputs:

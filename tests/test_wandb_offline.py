@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import pytorch_lightning as pl
 import wandb
 import yaml
@@ -16,9 +15,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from lightning_ood.data import DigitsDataModule
 from lightning_ood.module import OODClassifier
-from tests.helpers import SUBPROCESS_THREADS, single_thread  # noqa: F401
+from tests.helpers import SUBPROCESS_THREADS
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

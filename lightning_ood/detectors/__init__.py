@@ -6,7 +6,7 @@ Plain names accepted by :func:`build_detector` and the ``OODEvaluation`` callbac
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from lightning_ood.detectors.ash import ASH
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs

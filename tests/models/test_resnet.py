@@ -6,9 +6,6 @@ from torch import nn
 
 from lightning_ood.models import BACKBONES, ResNetBackbone, build_backbone, split_torchvision_state_dict
 from lightning_ood.module import OODClassifier
-from tests.helpers import single_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _identity(t):
