@@ -48,7 +48,7 @@ PASS_COLUMNS = ("model", "images", "plain test pass s", "test pass with every de
                 "target", "meets target?", "fitting pass s (separate)")
 DETECTOR_COLUMNS = ("detector", "score ms / 1000 images", "share of the plain forward pass")
 THROUGHPUT_COLUMNS = ("detector", "fit samples/s (N)", "score samples/s (B)",
-                      "fit peak extra MB (N small / large)", "fitted state bytes (N small / large)")
+                      "fit peak MB (N small / large)", "fitted state bytes (N small / large)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -193,16 +193,18 @@ def best_seconds(fn, repeats: int) -> float:
     return float(value[0] if isinstance(value, tuple) else value)
 
 
-def weiper_fit_peak_mb(n: int, fresh_process: bool) -> Optional[float]:
-    """Peak extra MB of fitting WeiPer (cifar10 preset) on ``n`` streamed features; in a fresh
-    interpreter when weiper_throughput offers it (cleaner allocator state)."""
-    if fresh_process and hasattr(wt, "fit_peak_in_fresh_process"):
-        try:
-            return wt.fit_peak_in_fresh_process("cifar10", 10, 512, n, torch.get_num_threads())
-        except Exception as err:  # fall back to measuring in this process
-            print(f"  (fresh-process memory measurement failed: {err}; measuring in-process)")
-    det = wt.make_detector("cifar10", 10, 512)
-    return wt.peak_extra_mb(lambda: det.fit_features(wt.StreamedFeatures(n, 512, 256, seed=3)))
+def peak_mb(fn) -> Optional[float]:
+    """Peak memory (MB) that ``fn`` allocates: weiper_throughput's measure (peak of live torch
+    tensors, replayed from the profiler's allocation events, when it offers it; else the
+    resident-set high-water mark)."""
+    measure = getattr(wt, "peak_tensor_mb", None) or getattr(wt, "peak_extra_mb", None)
+    return None if measure is None else measure(fn)
+
+
+def peak_method() -> str:
+    if hasattr(wt, "peak_tensor_mb"):
+        return "peak of live torch tensors during the call (profiler allocation events, `weiper_throughput.peak_tensor_mb`)"
+    return "resident-memory high-water mark above the memory in use before the call (`/proc/self/clear_refs`)"
 
 
 def state_bytes(module: torch.nn.Module) -> int:
@@ -217,9 +219,8 @@ def weiper_row(sizes: dict[str, int]) -> list[Any]:
     score_s = best_seconds(lambda: det.score_features(test), 2)
     mem, state = [], []
     for n in (sizes["small"], sizes["large"]):
-        mem.append(weiper_fit_peak_mb(n, sizes["fresh_process"]))
         det_n = wt.make_detector("cifar10", 10, 512)
-        det_n.fit_features(wt.StreamedFeatures(n, 512, 256, seed=3))
+        mem.append(peak_mb(lambda: det_n.fit_features(wt.StreamedFeatures(n, 512, 256, seed=3))))
         state.append(state_bytes(det_n))
     return ["WeiPer (cifar10 preset, C=10, D=512, r=100)", f"{len(train) / fit_s:,.0f} ({len(train):,})",
             f"{len(test) / score_s:,.0f} ({len(test):,})", _mb_pair(mem, sizes), _bytes_pair(state)]
@@ -242,7 +243,7 @@ def featurenorm_row(sizes: dict[str, int], blocks: int = 8) -> list[Any]:
     mem, state = [], []
     for n in (sizes["small"], sizes["large"]):
         det_n, d = FeatureNorm(blocks), data(n, 2)
-        mem.append(wt.peak_extra_mb(lambda: det_n.fit(d)))
+        mem.append(peak_mb(lambda: det_n.fit(d)))
         state.append(state_bytes(det_n))
     return [f"FeatureNorm ({blocks} blocks; fit = NormRatio from cached block norms)",
             f"{len(fit_data.block_norms) / fit_s:,.0f} ({sizes['fit']:,})",
@@ -290,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--output", type=Path, default=_common.BENCHMARKS_MD)
     args = parser.parse_args(argv)
     args.max_test, args.val_size, args.fit_samples = None, 100, None
-    sizes = dict(fit=20_000, score=10_000, small=10_000, large=100_000, fresh_process=True)
+    sizes = dict(fit=20_000, score=10_000, small=10_000, large=100_000)
     if args.gpu:
         args.widths, args.batch, args.n_train, args.n_test = [64], 256, 50_000, 10_000
         args.fit_samples = 5000
@@ -300,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.widths, args.repeats, args.max_test, args.val_size, args.fit_samples = [4], 1, 48, 32, 64
         args.n_train, args.n_test, args.batch = 256, 128, 32
         args.tune = args.tune or "defaults"  # published hyper-parameters: no tuning grid in a smoke run
-        sizes = dict(fit=500, score=200, small=100, large=400, fresh_process=False)
+        sizes = dict(fit=500, score=200, small=100, large=400)
     if args.threads:
         torch.set_num_threads(args.threads)
     _common.quiet()
@@ -351,9 +352,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "",
         tables[1],
         *(["",
-           "Detector fit / score throughput on random features (best of repeated runs), peak "
-           "resident memory added by fitting (`/proc/self/clear_refs` high-water mark; WeiPer fits "
-           "from batches streamed by a generator) and the size of the fitted state (all buffers). "
+           "Detector fit / score throughput on random features (best of repeated runs), peak memory "
+           f"of fitting ({peak_method()}; WeiPer fits from batches streamed by a generator, so the "
+           "data set itself is never in memory) and the size of the fitted state (all buffers). "
            "Note: `OODEvaluation`'s fitting pass itself caches the pooled features and block norms "
            "of the fit images, N x (D + 2 x blocks) floats (5,000 CIFAR images at D = 512: ~10 MB); "
            "`fit_samples` bounds N.",

@@ -44,7 +44,7 @@ CASES = {
         [["model", "images", "plain test pass s", "test pass with every detector s", "ratio", "target",
           "meets target?", "fitting pass s (separate)"],
          ["detector", "score ms / 1000 images"],
-         ["detector", "fit samples/s (N)", "score samples/s (B)", "fit peak extra MB (N small / large)",
+         ["detector", "fit samples/s (N)", "score samples/s (B)", "fit peak MB (N small / large)",
           "fitted state bytes (N small / large)"]],
         ["| weiper |", "| feature_norm |", "| WeiPer (", "| FeatureNorm ("],
     ),
