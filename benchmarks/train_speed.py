@@ -84,12 +84,17 @@ def objective_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved step times of the three objectives."""
     models = {loss: make_model(loss, args.width).train() for loss in LOSSES}
     optimizers = {loss: sgd(m) for loss, m in models.items()}
+    # every timed step starts from the initial weights: the models do not drift apart (tiny or
+    # denormal values make float ops slower on CPUs), so the only difference left is the objective
+    initial = {loss: copy.deepcopy(m.state_dict()) for loss, m in models.items()}
     batches = make_batches(4, args.batch, args.size)
     times: dict[str, list[float]] = {loss: [] for loss in LOSSES}
     cpu: dict[str, list[float]] = {loss: [] for loss in LOSSES}
 
     def step(loss: str, k: int) -> tuple[float, float]:
         model, optimizer = models[loss], optimizers[loss]
+        model.load_state_dict(initial[loss])
+        optimizer.state.clear()
         start, start_cpu = time.perf_counter(), time.process_time()
         value = model.training_step(batches[k % len(batches)], k)
         optimizer.zero_grad(set_to_none=True)
@@ -176,11 +181,13 @@ def lightning_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
                             torch.randint(0, 10, (n,), generator=generator), torch.arange(n))
     plain_model = make_model("ce", args.width).train()
     lightning_model = copy.deepcopy(plain_model)
-    optimizer = sgd(plain_model)
+    initial = copy.deepcopy(plain_model.state_dict())
     plain, lit, plain_total, lit_total, plain_cpu, lit_cpu = [], [], [], [], [], []
 
     def plain_block(seed: int) -> None:
         torch.manual_seed(seed)
+        plain_model.load_state_dict(initial)  # both loops start every block from the same weights
+        optimizer = sgd(plain_model)
         loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0)
         starts, cpu_starts, begin = [], [], time.perf_counter()
         for images, labels, _ in loader:
@@ -199,6 +206,7 @@ def lightning_overhead(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def lightning_block(seed: int) -> None:
         torch.manual_seed(seed)
+        lightning_model.load_state_dict(initial)
         loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=0)
         timer = StepStarts()
         trainer = pl.Trainer(**_common.trainer_kwargs(max_epochs=1, callbacks=[timer], log_every_n_steps=10,
@@ -414,7 +422,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "- every time is measured twice: wall clock (`perf_counter`) and CPU time of this process "
         "(`process_time`; with 1 torch thread it excludes time spent waiting for a core on a shared "
         "machine, so it is the steadier of the two when other jobs run)",
-        f"- objectives: `training_step` + backward + SGD step, interleaved one step each in rotating "
+        f"- objectives: `training_step` + backward + SGD step, each step from the same initial weights "
+        "and a fresh optimizer state (restored outside the timed region), interleaved one step each in rotating "
         f"order, {args.warmup} warm-up rounds then {args.steps} timed rounds; 'per-round ratio' = "
         "step time / CE step time of the same round; 'head + loss' = forward + backward of the head "
         "and loss alone on pooled features (all that differs between objectives); 'ratio implied' = "
@@ -424,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         tables[0],
         "",
         f"- Lightning: {args.blocks} blocks of {args.block_steps} steps each for the plain loop and for "
-        f"`Trainer.fit` (alternating, same DataLoader, num_workers 0), first {args.block_warmup} steps of "
+        f"`Trainer.fit` (alternating, same DataLoader and shuffling seed, every block from the same initial "
+        f"weights and a fresh optimizer, num_workers 0), first {args.block_warmup} steps of "
         "every block dropped; per-step = time between consecutive batch starts. Trainer without logger, "
         "checkpointing, progress bar and model summary; its `training_step` also updates the accuracy "
         "metric and calls `self.log`. 'end-to-end' = one block's `fit()` / loop wall time, set-up included",

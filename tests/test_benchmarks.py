@@ -55,9 +55,9 @@ CASES = {
     ),
     "ddp_scaling": (
         ["ddp_scaling.py", "--tiny"],
-        [["processes", "torch threads / process", "trainer.test() wall s (incl. start-up)",
+        [["processes", "launch", "torch threads / process", "trainer.test() wall s (incl. start-up)",
           "max abs metric diff vs 1 process"]],
-        ["\n| 1 | ", "\n| 2 | "],
+        ["\n| 1 | in-process | ", "\n| 1 | ddp_spawn | ", "\n| 2 | ddp_spawn | "],
     ),
     "weiper_throughput": (["weiper_throughput.py", "--tiny"], [], []),
 }
