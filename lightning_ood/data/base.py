@@ -170,6 +170,21 @@ class OODDataModule(pl.LightningDataModule):
         ``test`` IndexedDatasets and ``train_labels`` (tensor)."""
         raise NotImplementedError
 
+    def split_build(self, full_train: Dataset, labels: Tensor, test: Dataset, train_transform: Callable,
+                    test_transform: Callable) -> dict[str, Any]:
+        """:meth:`build`'s result for a training set of which ``val_size`` images (seeded)
+        are held out for validation."""
+        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
+        train = Subset(full_train, train_idx.tolist())
+        return {
+            "train": IndexedDataset(train, train_transform),
+            "fit": IndexedDataset(train, test_transform),
+            "val": IndexedDataset(Subset(full_train, val_idx.tolist()), test_transform),
+            "test": IndexedDataset(test, test_transform),
+            "train_labels": labels[train_idx],
+        }
+
     def build_ood(self, spec: OODSet) -> IndexedDataset:
         """The IndexedDataset of one OOD set, with this datamodule's test transform."""
         from lightning_ood.data.ood import build_ood_set

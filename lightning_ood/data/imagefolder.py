@@ -5,10 +5,9 @@ import os
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import Subset
 from torchvision import datasets
 
-from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet, imagenet_transforms, small_image_transforms
+from lightning_ood.data.base import OODDataModule, OODSet, imagenet_transforms, small_image_transforms
 
 
 def _image_folder(path: str) -> datasets.ImageFolder:
@@ -80,13 +79,4 @@ class ImageFolderDataModule(OODDataModule):
                 f"{full_train.classes[:5]}...: both must hold the same class folders"
             )
         labels = torch.as_tensor(full_train.targets, dtype=torch.long)
-        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
-        train = Subset(full_train, train_idx.tolist())
-        return {
-            "train": IndexedDataset(train, train_aug),
-            "fit": IndexedDataset(train, test_tf),
-            "val": IndexedDataset(Subset(full_train, val_idx.tolist()), test_tf),
-            "test": IndexedDataset(test, test_tf),
-            "train_labels": labels[train_idx],
-        }
+        return self.split_build(full_train, labels, test, train_aug, test_tf)

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet, small_image_transforms
+from lightning_ood.data.base import OODDataModule, OODSet, small_image_transforms
 
 
 def _labels_of(dataset: Dataset) -> Tensor:
@@ -83,17 +83,7 @@ class _TorchvisionDataModule(OODDataModule):
         train_aug, test_tf = small_image_transforms(self.mean, self.std, self.image_size)
         full_train = open_torchvision(self.name, self.root, True, False)
         test = open_torchvision(self.name, self.root, False, False)
-        labels = _labels_of(full_train)
-        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
-        train = Subset(full_train, train_idx.tolist())
-        return {
-            "train": IndexedDataset(train, train_aug),
-            "fit": IndexedDataset(train, test_tf),
-            "val": IndexedDataset(Subset(full_train, val_idx.tolist()), test_tf),
-            "test": IndexedDataset(test, test_tf),
-            "train_labels": labels[train_idx],
-        }
+        return self.split_build(full_train, _labels_of(full_train), test, train_aug, test_tf)
 
     def train_tensors(self) -> Optional[tuple[Tensor, Tensor]]:
         """The training split as uint8 (N, 3, H, W) images and labels (for ``device_loader``)."""
