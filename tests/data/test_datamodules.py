@@ -1,0 +1,288 @@
+"""Datamodules: seeded splits, (image, label, index) samples, OOD sets, fit subsets, errors."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import lightning_ood.data.base as data_base
+from lightning_ood.data import (
+    OOD_LABEL, CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, ImageFolderDataModule, OODSet,
+    class_balanced_subset, known_ood_sets,
+)
+from lightning_ood.data.digits import load_digit_images, photo_patches
+
+
+# ----------------------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule(id_classes=(2, 5, 7), batch_size=64, val_size=50, seed=3)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def original_index():
+    """Raw image bytes -> (index, label) in scikit-learn's digits (all 1797 images are distinct)."""
+    images, labels = load_digit_images()
+    return {images[i].numpy().tobytes(): (i, int(labels[i])) for i in range(len(images))}
+
+
+def _raw(dataset):
+    """The un-transformed tensors behind an IndexedDataset over a TensorDataset."""
+    return dataset.dataset.tensors
+
+
+def test_digits_labels_remapped_and_splits_disjoint(digits, original_index):
+    assert digits.num_classes == 3
+    seen = {}
+    for split in ("train_set", "val_set", "test_set"):
+        images, labels = _raw(getattr(digits, split))
+        assert set(labels.tolist()) == {0, 1, 2}
+        origin = [original_index[img.numpy().tobytes()] for img in images]
+        # remapped label k is the k-th ID digit
+        assert all((2, 5, 7)[label] == digit for label, (_, digit) in zip(labels.tolist(), origin))
+        seen[split] = {i for i, _ in origin}
+    assert not seen["train_set"] & seen["val_set"] and not seen["train_set"] & seen["test_set"]
+    assert not seen["val_set"] & seen["test_set"]
+    n_id = sum(1 for _, digit in original_index.values() if digit in (2, 5, 7))
+    assert sum(len(s) for s in seen.values()) == n_id
+    assert len(seen["val_set"]) == 50
+    assert abs(len(seen["test_set"]) - 0.25 * n_id) <= 3  # 25% of each class, rounded
+    assert torch.equal(digits.train_labels, _raw(digits.train_set)[1])
+
+
+def test_digits_split_is_seeded(digits):
+    same = DigitsDataModule(id_classes=(2, 5, 7), val_size=50, seed=3)
+    same.setup("fit")
+    other = DigitsDataModule(id_classes=(2, 5, 7), val_size=50, seed=4)
+    other.setup("fit")
+    for split in ("train_set", "val_set", "test_set"):
+        assert torch.equal(_raw(getattr(same, split))[0], _raw(getattr(digits, split))[0])
+    assert not torch.equal(_raw(other.test_set)[0], _raw(digits.test_set)[0])
+    assert not torch.equal(_raw(other.train_set)[0], _raw(digits.train_set)[0])
+
+
+def test_every_sample_is_image_label_index(digits):
+    datasets = [digits.train_set, digits.fit_set, digits.val_set, digits.test_set, *digits.ood_test_sets.values()]
+    for dataset in datasets:
+        for position in (0, len(dataset) - 1):
+            sample = dataset[position]
+            assert len(sample) == 3
+            image, label, index = sample
+            assert isinstance(image, torch.Tensor) and image.shape == (3, 32, 32) and image.dtype == torch.float32
+            assert isinstance(label, int) and isinstance(index, int) and index == position
+    assert all(label == OOD_LABEL for d in digits.ood_test_sets.values() for label in (d[0][1], d[len(d) - 1][1]))
+
+
+def test_fit_set_uses_the_test_transform_and_train_set_augments(digits):
+    torch.manual_seed(0)
+    fit_a, fit_b = digits.fit_set[0][0], digits.fit_set[0][0]
+    assert torch.equal(fit_a, fit_b)
+    mean, std = torch.tensor(digits.mean)[:, None, None], torch.tensor(digits.std)[:, None, None]
+    torch.testing.assert_close(fit_a, (_raw(digits.fit_set)[0][0] - mean) / std)
+    crops = torch.stack([digits.train_set[0][0] for _ in range(20)])
+    assert not all(torch.equal(crops[0], c) for c in crops[1:])  # random crop
+
+
+def test_digits_ood_sets(digits, original_index):
+    assert digits.ood_groups() == {"digits_heldout": "near", "photo_patches": "far"}
+    heldout = digits.ood_test_sets["digits_heldout"]
+    images, digit_labels = _raw(heldout)
+    assert set(digit_labels.tolist()) == set(range(10)) - {2, 5, 7}
+    assert len(heldout) == sum(1 for _, d in original_index.values() if d not in (2, 5, 7))
+    patches = _raw(digits.ood_test_sets["photo_patches"])[0]
+    assert patches.shape == (500, 3, 32, 32)
+    assert torch.equal(patches, photo_patches(500, 32, seed=3))
+    assert not torch.equal(patches, photo_patches(500, 32, seed=4))
+    # colour photographs, not (grey) digits: in [0, 1], colour channels differ, smooth
+    # (neighbouring pixels strongly correlated, unlike noise)
+    assert patches.amin() >= 0 and patches.amax() <= 1
+    assert not torch.equal(patches[:, 0], patches[:, 1])
+    assert (patches.std(dim=(1, 2, 3)) > 0.005).all()
+    left, right = patches[..., :-1].flatten(), patches[..., 1:].flatten()
+    assert torch.corrcoef(torch.stack([left, right]))[0, 1] > 0.9
+    noise = torch.rand_like(patches)
+    assert torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1] < 0.1
+    assert torch.equal(images[:, 0], images[:, 1])
+    assert not any(p.numpy().tobytes() in original_index for p in patches[:20])
+
+
+def test_test_dataloader_order_is_id_then_ood(digits):
+    loaders = digits.test_dataloader()
+    assert [loader.dataset for loader in loaders] == [
+        digits.test_set, digits.ood_test_sets["digits_heldout"], digits.ood_test_sets["photo_patches"]
+    ]
+    id_labels = torch.cat([b[1] for b in loaders[0]])
+    assert id_labels.min() >= 0 and id_labels.max() == 2
+    for loader in loaders[1:]:
+        batch = next(iter(loader))
+        assert (batch[1] == OOD_LABEL).all()
+        assert torch.equal(batch[2], torch.arange(len(batch[2])))  # test loaders are not shuffled
+    assert len(digits.val_dataloader()) == 1
+
+
+def test_digits_validation():
+    with pytest.raises(ValueError, match="at least two distinct digits"):
+        DigitsDataModule(id_classes=(3,))
+    with pytest.raises(ValueError, match="at least two distinct digits"):
+        DigitsDataModule(id_classes=(3, 11))
+    with pytest.raises(ValueError, match="test_fraction"):
+        DigitsDataModule(test_fraction=1.0)
+    with pytest.raises(ValueError, match="group must be 'near' or 'far'"):
+        DigitsDataModule(ood_sets=[{"name": "photo_patches", "group": "middle"}])
+
+
+def test_ood_set_errors_on_digits():
+    dm = DigitsDataModule(ood_sets=[OODSet("photo_patches"), OODSet("photo_patches", "near")])
+    with pytest.raises(ValueError, match="must be unique"):
+        dm.setup("test")
+    dm = DigitsDataModule(ood_sets=[{"name": "lsun", "group": "far"}])
+    with pytest.raises(ValueError, match="unknown OOD set 'lsun'.*path:.*cifar100"):
+        dm.setup("test")
+    assert "photo_patches" in known_ood_sets() and "textures" in known_ood_sets()
+
+
+# ---------------------------------------------------------------------- class balance
+def test_class_balanced_subset_balance():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)[torch.randperm(85, generator=torch.Generator().manual_seed(0))]
+    picked = class_balanced_subset(labels, 30, seed=1)
+    assert len(picked) == 30 and len(picked.unique()) == 30
+    assert torch.equal(picked, picked.sort().values)
+    counts = torch.bincount(labels[picked], minlength=3).tolist()
+    assert counts[2] == 5 and sorted(counts[:2]) == [12, 13]  # the small class is exhausted
+    even = class_balanced_subset(labels, 9, seed=1)
+    assert torch.bincount(labels[even], minlength=3).tolist() == [3, 3, 3]
+
+
+def test_class_balanced_subset_determinism_and_limits():
+    labels = torch.arange(100) % 4
+    a, b = class_balanced_subset(labels, 20, seed=7), class_balanced_subset(labels, 20, seed=7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, class_balanced_subset(labels, 20, seed=8))
+    assert torch.equal(class_balanced_subset(labels, None), torch.arange(100))
+    assert torch.equal(class_balanced_subset(labels, 500), torch.arange(100))
+
+
+def _fit_indices(dm, max_samples):
+    return torch.cat([batch[2] for batch in dm.fit_dataloader(max_samples)])
+
+
+def test_fit_dataloader_covers_the_subset_exactly_once(digits, monkeypatch):
+    expected = class_balanced_subset(digits.train_labels, 101, digits.seed)
+    indices = _fit_indices(digits, 101)
+    assert len(indices) == 101 and torch.equal(indices.sort().values, expected)
+    assert torch.bincount(digits.train_labels[indices], minlength=3).tolist() in ([34, 34, 33], [34, 33, 34], [33, 34, 34])
+    # sharded over two ranks: disjoint, together exactly the subset, no padding
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(data_base, "rank_and_world", lambda rank=rank: (rank, 2))
+        shards.append(_fit_indices(digits, 101))
+    assert {len(shards[0]), len(shards[1])} == {50, 51}
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert torch.equal(torch.cat(shards).sort().values, expected)
+    monkeypatch.undo()
+    assert len(_fit_indices(digits, None)) == len(digits.fit_set)
+
+
+# ------------------------------------------------------------------------ image folders
+def _write_pngs(folder, n, seed):
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    for c, cls in enumerate(("cat", "dog", "eel")):
+        _write_pngs(root / "train" / cls, 4, seed=c)
+        _write_pngs(root / "test" / cls, 2, seed=10 + c)
+    _write_pngs(root / "ood" / "nested", 3, seed=20)  # OOD images may sit in sub-folders
+    _write_pngs(root / "test_other" / "cat", 1, seed=30)
+    _write_pngs(root / "test_other" / "fox", 1, seed=31)
+    os.makedirs(root / "empty_ood" / "sub")
+    (root / "empty_ood" / "notes.txt").write_text("no images here")
+    return root
+
+
+def test_image_folder_datamodule(image_tree):
+    dm = ImageFolderDataModule(
+        str(image_tree / "train"), str(image_tree / "test"), image_size=32, batch_size=4, num_workers=0, val_size=2,
+        ood_sets=[{"name": "my_ood", "group": "near", "path": str(image_tree / "ood")}],
+    )
+    assert dm.num_classes == 3 and dm.classes == ["cat", "dog", "eel"]
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (10, 2, 6)
+    assert dm.ood_groups() == {"my_ood": "near"}
+    loaders = dm.test_dataloader()
+    assert len(loaders) == 2 and loaders[1].dataset is dm.ood_test_sets["my_ood"]
+    images, labels, indices = next(iter(loaders[0]))
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 1, 1] and indices.tolist() == [0, 1, 2, 3]
+    ood_images, ood_labels, ood_indices = next(iter(loaders[1]))
+    assert ood_images.shape == (3, 3, 32, 32) and (ood_labels == OOD_LABEL).all() and ood_indices.tolist() == [0, 1, 2]
+    assert sorted(dm.train_labels.tolist()) == sorted(dm.train_set[i][1] for i in range(10))
+    train_images, _, _ = next(iter(dm.train_dataloader()))
+    assert train_images.shape == (4, 3, 32, 32)
+
+
+def test_image_folder_imagenet_pipeline_size(image_tree):
+    dm = ImageFolderDataModule(str(image_tree / "train"), str(image_tree / "test"), image_size=96, val_size=0, num_workers=0)
+    dm.setup("fit")
+    assert dm.fit_set[0][0].shape == (3, 96, 96) and dm.train_set[0][0].shape == (3, 96, 96)
+
+
+def test_image_folder_errors(image_tree, tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*one sub-folder of images per class"):
+        ImageFolderDataModule(str(tmp_path / "missing" / "train"), str(image_tree / "test"))
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        ImageFolderDataModule(str(image_tree / "train"), str(tmp_path / "missing_val"))
+    dm = ImageFolderDataModule(str(image_tree / "train"), str(image_tree / "test_other"), image_size=32, val_size=1)
+    with pytest.raises(ValueError, match="must hold the same class folders"):
+        dm.setup("fit")
+    dm = ImageFolderDataModule(
+        str(image_tree / "train"), str(image_tree / "test"), image_size=32, val_size=1,
+        ood_sets=[{"name": "empty", "path": str(image_tree / "empty_ood")}],
+    )
+    dm.setup("fit")  # OOD sets are only built for testing
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        dm.setup("test")
+    dm = ImageFolderDataModule(
+        str(image_tree / "train"), str(image_tree / "test"), image_size=32,
+        ood_sets=[{"name": "gone", "path": str(tmp_path / "gone")}],
+    )
+    with pytest.raises(FileNotFoundError, match="OOD folder not found"):
+        dm.setup("test")
+
+
+# ----------------------------------------------------------------------- torchvision
+@pytest.mark.parametrize("cls", [CIFAR10DataModule, CIFAR100DataModule])
+def test_missing_cifar_without_download_names_the_fix(cls, tmp_path):
+    dm = cls(root=str(tmp_path), download=False, ood_sets=[{"name": "svhn"}])
+    assert dm.num_classes == (10 if cls is CIFAR10DataModule else 100)
+    with pytest.raises(FileNotFoundError, match=r"not found under .*--data\.download true.*--data\.root"):
+        dm.setup("fit")
+    assert not any(tmp_path.iterdir())  # nothing downloaded
+
+
+def test_prepare_data_downloads_the_torchvision_ood_sets_once(monkeypatch, tmp_path):
+    """Downloads happen in prepare_data (one process per node), not in every rank's setup."""
+    import lightning_ood.data.torchvision_sets as tv_sets
+
+    calls = []
+    monkeypatch.setattr(tv_sets, "open_torchvision", lambda name, root, train, download: calls.append((name, train, download)))
+    ood_sets = [{"name": "cifar100", "group": "near"}, {"name": "tin", "group": "near", "path": str(tmp_path)},
+                {"name": "svhn"}, {"name": "places365"}]
+    CIFAR10DataModule(root=str(tmp_path), download=True, ood_sets=ood_sets).prepare_data()
+    assert calls == [("cifar10", True, True), ("cifar10", False, True), ("cifar100", False, True),
+                     ("svhn", False, True), ("places365", False, True)]
+    calls.clear()
+    CIFAR10DataModule(root=str(tmp_path), download=False, ood_sets=ood_sets).prepare_data()
+    assert calls == []
+
+
+def test_cifar_mean_std_override():
+    dm = CIFAR10DataModule(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert dm.mean == (0.5, 0.5, 0.5) and CIFAR10DataModule().mean == (0.4914, 0.4822, 0.4465)
