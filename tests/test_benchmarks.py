@@ -60,6 +60,8 @@ CASES = {
         ["\n| 1 | in-process | ", "\n| 1 | ddp_spawn | ", "\n| 2 | ddp_spawn | "],
     ),
     "weiper_throughput": (["weiper_throughput.py", "--tiny"], [], []),
+    "tuning_cost": (["tuning_cost.py", "--tiny"], [["detectors", "grid points scored", "seconds"]],
+                    ["| ASH-P/B/S | 39 |", "| WeiPer | 2 |"]),
 }
 
 
