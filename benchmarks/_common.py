@@ -19,21 +19,7 @@ if str(ROOT) not in sys.path:
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:  # one definition of "machine" for every section
-    from weiper_throughput import machine  # noqa: E402
-except ImportError:  # pragma: no cover - weiper_throughput reorganised
-    import platform
-
-    def machine() -> str:
-        cpu = platform.processor() or "unknown CPU"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"{cpu}, {os.cpu_count()} cores"
+from weiper_throughput import machine  # noqa: E402  (one definition of "machine" for every section)
 from torch.utils.data import Subset  # noqa: E402
 
 from lightning_ood.data import DigitsDataModule  # noqa: E402

@@ -410,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     runtime = time.perf_counter() - start
     tables = [objective_table(objectives), lightning_table(lightning)]
     print("\n" + tables[0] + "\n\n" + tables[1])
+    if args.tiny:  # smoke-test the --loaders code path too (on CPU it is no measurement)
+        print("\n" + loader_table(loader_throughput(args)[0]))
     print(f"\ntotal runtime {runtime:.0f} s")
     if args.tiny:
         return

@@ -30,14 +30,11 @@ CASES = {
     "train_speed": (
         ["train_speed.py", "--tiny"],
         [["objective", "median step ms (wall / CPU)", "ratio vs ce (wall / CPU)", "target",
-          "meets target? (wall / CPU)"],
-         ["loop", "median step ms (wall / CPU)", "ratio vs plain (wall / CPU)", "target"]],
-        ["| ce |", "| isomax_plus |", "| l2_norm |", "| plain PyTorch loop |", "| Trainer.fit |"],
-    ),
-    "train_speed_loaders": (
-        ["train_speed.py", "--tiny", "--loaders"],
-        [["training path", "precision", "channels_last / compile", "images/s", "speed-up"]],
-        ["| DataLoader |", "| device_loader |"],
+          "meets target? (wall / CPU)", "ratio implied by head + loss"],
+         ["loop", "median step ms (wall / CPU)", "ratio vs plain (wall / CPU)", "target"],
+         ["training path", "precision", "channels_last / compile", "images/s", "speed-up"]],  # --loaders path
+        ["| ce |", "| isomax_plus |", "| l2_norm |", "| plain PyTorch loop |", "| Trainer.fit |",
+         "| DataLoader |", "| device_loader |"],
     ),
     "eval_speed": (
         ["eval_speed.py", "--tiny"],
@@ -46,18 +43,14 @@ CASES = {
          ["detector", "score ms / 1000 images"],
          ["detector", "fit samples/s (N)", "score samples/s (B)", "fit peak MB (N small / large)",
           "fitted state bytes (N small / large)"]],
-        ["| weiper |", "| feature_norm |", "| WeiPer (", "| FeatureNorm ("],
-    ),
-    "eval_speed_gpu_path": (  # the --gpu code path (synthetic CIFAR-size data) runs on the CPU here
-        ["eval_speed.py", "--tiny", "--gpu"],
-        [["model", "images", "plain test pass s", "test pass with every detector s", "ratio"]],
-        ["| ResNet18 width 4 |"],
+        ["| ResNet18 width 4 (digits) |", "| ResNet18 width 4 (synthetic) |",  # the latter: the --gpu path
+         "| weiper |", "| feature_norm |", "| WeiPer (", "| FeatureNorm ("],
     ),
     "ddp_scaling": (
         ["ddp_scaling.py", "--tiny"],
         [["processes", "launch", "torch threads / process", "trainer.test() wall s (incl. start-up)",
           "max abs metric diff vs 1 process"]],
-        ["\n| 1 | in-process | ", "\n| 1 | ddp_spawn | ", "\n| 2 | ddp_spawn | "],
+        ["\n| 1 | in-process | ", "\n| 2 | ddp_spawn | "],
     ),
     "weiper_throughput": (["weiper_throughput.py", "--tiny"], [], []),
     "tuning_cost": (["tuning_cost.py", "--tiny"], [["detectors", "grid points scored", "seconds"]],
