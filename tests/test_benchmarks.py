@@ -2,7 +2,8 @@
 
 The scripts are started together as subprocesses (one module-scoped fixture), so the
 suite pays for the slowest one rather than for the sum of their start-ups. --tiny never
-writes BENCHMARKS.md.
+writes BENCHMARKS.md. The --tiny runs of train_speed and eval_speed also smoke-test their
+GPU code paths (DataLoader vs device_loader; synthetic CIFAR-size evaluation) on the CPU.
 """
 import os
 import subprocess
@@ -56,6 +57,10 @@ CASES = {
     "tuning_cost": (["tuning_cost.py", "--tiny"], [["detectors", "grid points scored", "seconds"]],
                     ["| ASH-P/B/S | 39 |", "| WeiPer | 2 |"]),
 }
+# any other script in benchmarks/ must at least run --tiny and print a table
+for _script in sorted(BENCH.glob("*.py")):
+    if not _script.name.startswith("_") and not any(args[0] == _script.name for args, _, _ in CASES.values()):
+        CASES[_script.stem] = ([_script.name, "--tiny"], [], [])
 
 
 @pytest.fixture(scope="module")
