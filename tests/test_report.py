@@ -143,6 +143,7 @@ def test_write_report_files(tmp_path, capsys):
 
 def test_wandb_offline_run_holds_table_and_images(tmp_path, monkeypatch):
     import pytorch_lightning as pl
+    import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     from tests.ddp_eval_script import RandomOODDataModule, make_callback, make_model, trainer_kwargs
@@ -154,6 +155,8 @@ def test_wandb_offline_run_holds_table_and_images(tmp_path, monkeypatch):
     trainer = pl.Trainer(**trainer_kwargs(logger=logger, callbacks=[callback]))
     trainer.test(make_model(), datamodule=RandomOODDataModule())
     logger.experiment.finish()
+    # finish() returns before the wandb-core service has flushed the run file; teardown waits for it
+    wandb.teardown()
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert len(runs) == 1, os.listdir(tmp_path)
     run = runs[0]
