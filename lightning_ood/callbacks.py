@@ -126,18 +126,23 @@ class OODEvaluation(pl.Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "test":
+        # Checked before ``fit`` too: a missing OOD folder or a wrong detector name must
+        # fail before hours of training, not in the test stage that follows them.
+        if stage not in ("fit", "test"):
             return
         datamodule = trainer.datamodule
         if not isinstance(datamodule, OODDataModule):
-            raise TypeError("OODEvaluation needs an OODDataModule (ID test set + OOD sets) passed to trainer.test")
+            raise TypeError(f"OODEvaluation needs an OODDataModule (ID test set + OOD sets) passed to trainer.{stage}")
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
-        groups = datamodule.ood_groups()
-        rank_zero_info(f"ID test set {datamodule.name}: {len(datamodule.test_set)} images")
-        for name, dataset in datamodule.ood_test_sets.items():
-            rank_zero_info(f"OOD set {name}: {len(dataset)} images ({groups[name]})")
+        # built now, so a missing OOD validation folder fails before any compute as well
+        self._ood_val_datasets = {spec.name: datamodule.build_ood(spec) for spec in self.ood_val_sets}
+        if stage == "test":
+            groups = datamodule.ood_groups()
+            rank_zero_info(f"ID test set {datamodule.name}: {len(datamodule.test_set)} images")
+            for name, dataset in datamodule.ood_test_sets.items():
+                rank_zero_info(f"OOD set {name}: {len(dataset)} images ({groups[name]})")
         specs = self.detector_specs
         if specs is None:
             specs = list(DEFAULT_DETECTORS)
@@ -201,7 +206,8 @@ class OODEvaluation(pl.Callback):
         """Every rank runs the whole (small) dataset, so all ranks tune identically."""
         loader = DataLoader(dataset, batch_size=self._datamodule.batch_size, shuffle=False)
         plain, shuffled = [], []
-        with torch.inference_mode():
+        # the test pass's precision (autocast under bf16/fp16-mixed), so tuning sees test-time features
+        with torch.inference_mode(), trainer.precision_plugin.forward_context():
             for images, _, indices in tqdm(loader, desc=desc, disable=not trainer.is_global_zero
                                            or not trainer.progress_bar_callback):
                 images = images.to(pl_module.device)
@@ -224,8 +230,8 @@ class OODEvaluation(pl.Callback):
             return TuningData(id_outputs, jig, "jigsaw", f"{n} ID validation images (held out from training) "
                               "vs their jigsaw versions")
         id_outputs, _ = self._forward_all(trainer, pl_module, subset, "Tuning: ID validation")
-        ood = [self._forward_all(trainer, pl_module, self._datamodule.build_ood(spec), f"Tuning: {spec.name}")[0]
-               for spec in self.ood_val_sets]
+        ood = [self._forward_all(trainer, pl_module, dataset, f"Tuning: {name}")[0]
+               for name, dataset in self._ood_val_datasets.items()]
         ood_outputs = concat_outputs(ood)
         names = ", ".join(spec.name for spec in self.ood_val_sets)
         return TuningData(id_outputs, ood_outputs, "ood_val",
@@ -239,7 +245,7 @@ class OODEvaluation(pl.Callback):
         loader = self._datamodule.fit_dataloader(self.fit_samples)
         need_blocks = any(d.requires_block_norms for d in pl_module.detectors.values())
         features, block_norms, jigsaw_norms = [], [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), trainer.precision_plugin.forward_context():
             for images, _, indices in tqdm(loader, desc="Fitting detectors on ID training data",
                                      disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
                 images = images.to(pl_module.device)

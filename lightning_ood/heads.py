@@ -66,12 +66,15 @@ class IsoMaxPlusHead(nn.Module):
         nn.init.constant_(self.distance_scale, 1.0)
 
     def forward(self, features: Tensor) -> Tensor:
-        distances = torch.cdist(
-            F.normalize(features, dim=1),
-            F.normalize(self.prototypes, dim=1),
-            compute_mode="donot_use_mm_for_euclid_dist",
-        )
-        return -torch.abs(self.distance_scale) * distances
+        # float32 distances under any autocast precision: cdist has no bfloat16 kernel on CPU,
+        # and half-precision distances between unit vectors blur the class ranking
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            distances = torch.cdist(
+                F.normalize(features.float(), dim=1),
+                F.normalize(self.prototypes.float(), dim=1),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )
+        return -torch.abs(self.distance_scale.float()) * distances
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"

@@ -122,13 +122,14 @@ class OODClassifier(pl.LightningModule):
 
     def forward_outputs(self, x: Tensor, with_block_norms: bool = False) -> ForwardOutputs:
         """One forward pass giving logits, pooled features and (optionally) the
-        FeatureNorm of every residual block — everything the detectors read."""
+        FeatureNorm of every residual block — everything the detectors read — in float32
+        even under mixed precision."""
         features, block_norms = self._backbone(x, block_fn=feature_norm if with_block_norms else None)
         return ForwardOutputs(
             logits=self.head(features),
             features=features,
             block_norms=torch.stack(block_norms, dim=1) if block_norms is not None else None,
-        )
+        ).float()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

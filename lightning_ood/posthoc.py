@@ -95,7 +95,7 @@ class PostHocClassifier(pl.LightningModule):
 
     def forward_outputs(self, x: Tensor, with_block_norms: bool = False) -> ForwardOutputs:
         logits = self.network(x)
-        return ForwardOutputs(logits=logits, features=self._features, block_norms=None)
+        return ForwardOutputs(logits=logits, features=self._features, block_norms=None).float()
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         images, labels, indices = batch

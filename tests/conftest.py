@@ -1,4 +1,6 @@
 """Suite-wide test settings."""
+import sys
+
 import pytest
 import torch
 
@@ -15,5 +17,13 @@ def one_intra_op_thread():
 
 @pytest.fixture(autouse=True)
 def wandb_disabled(monkeypatch):
-    """No test talks to W&B unless it sets WANDB_MODE itself."""
+    """No test talks to W&B unless it sets WANDB_MODE itself, and no test's W&B state leaks
+    into the next one: Lightning's WandbLogger reuses a run still open in the process, and
+    wandb keeps the settings (WANDB_MODE included) of its first set-up until teardown."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()

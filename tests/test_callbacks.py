@@ -212,6 +212,31 @@ def test_missing_ood_folder_fails_before_compute(tmp_path):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+class _CountTrainingSteps(pl.Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("bad", ["ood_set", "ood_val_set"])
+def test_missing_ood_folder_fails_before_training(tmp_path, bad):
+    """With the callback on the trainer, ``fit`` (train.py runs the test stage after it)
+    checks the OOD sets before the first training step, not after the last epoch."""
+    from tests.ddp_eval_script import make_callback, trainer_kwargs
+
+    missing = OODSet("x", "far", path=str(tmp_path / "no_such_folder"))
+    if bad == "ood_set":
+        datamodule, options = RandomOODDataModule(ood_sets=[OODSet("near_noise", "near"), missing]), {}
+    else:
+        datamodule, options = RandomOODDataModule(), dict(tune="ood_val", ood_val_sets=[missing])
+    steps = _CountTrainingSteps()
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, callbacks=[make_callback(**options), steps]))
+    with pytest.raises(FileNotFoundError, match="OOD folder not found: .*no_such_folder"):
+        trainer.fit(make_model(), datamodule=datamodule)
+    assert steps.steps == 0
+
+
 def test_empty_ood_folder_fails_before_compute(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -262,3 +287,32 @@ def test_detector_needing_training_statistics_without_training_set(tmp_path, det
 def test_datamodule_without_ood_sets_fails(tmp_path):
     with pytest.raises(ValueError, match="declares no OOD sets"):
         _run_bad(tmp_path, RandomOODDataModule(ood_sets=[]))
+
+
+@pytest.mark.parametrize("loss", ["ce", "isomax_plus"])
+def test_bf16_mixed_precision_evaluation_matches_float32(tmp_path, loss):
+    """Under bf16-mixed the backbone returns bfloat16 features; the detectors (fitted, tuned
+    and scored in float32) must work on them and give nearly the float32 metrics. This
+    untrained model's scores are nearly tied, so bf16 rounding alone moves a metric by up to
+    0.13 (measured); the bound catches a broken half-precision path, not rounding."""
+    from tests.ddp_eval_script import make_callback, trainer_kwargs
+
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        callback = make_callback(detectors=None, output_dir=str(tmp_path / precision), tune="jigsaw")
+        trainer = pl.Trainer(**trainer_kwargs(precision=precision, callbacks=[callback]))
+        model = make_model(loss)
+        trainer.test(model, datamodule=RandomOODDataModule())
+        for name, detector in model.detectors.items():
+            for buffer_name, buffer in detector.named_buffers():
+                assert not buffer.is_floating_point() or buffer.dtype == torch.float32, (name, buffer_name)
+        results[precision] = callback.results
+    full, mixed = results["32-true"], results["bf16-mixed"]
+    assert set(mixed["metrics"]) == set(full["metrics"]) and mixed["skipped"] == full["skipped"]
+    assert "min_distance" in full["metrics"] if loss == "isomax_plus" else "weiper" in full["metrics"]
+    for detector, per_set in full["metrics"].items():
+        for set_name, metrics in per_set.items():
+            for metric, value in metrics.items():
+                assert math.isfinite(mixed["metrics"][detector][set_name][metric])
+                assert mixed["metrics"][detector][set_name][metric] == pytest.approx(value, abs=0.2), (detector, set_name, metric)
+    assert mixed["id"]["accuracy"] == pytest.approx(full["id"]["accuracy"], abs=0.1)

@@ -1,5 +1,6 @@
 """The command line: every config parses and instantiates, bad choices fail at parse time."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -152,6 +153,60 @@ def test_unknown_backbone_fails_at_parse_time_listing_choices(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "model.backbone" in err and "'resnet18'" in err and "'resnet50'" in err and "vgg16" in err
+
+
+def _write_images(folder, n, seed):
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (72, 72, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+
+
+@pytest.mark.parametrize("loss", ["ce", "isomax_plus"])
+def test_imagenet_recipe_trains_then_prints_the_ood_report(tmp_path, loss):
+    """An ImageNet recipe (bf16-mixed), shrunk (width 8, 64 px, 2 steps) on a generated class-per-folder
+    tree: fit, then the recipe's OODEvaluation callback fits, tunes and scores every detector
+    on the 16 ResNet50 blocks, and writes the report and the checkpoint with detectors."""
+    for c, name in enumerate(("ant", "bee", "cow")):
+        _write_images(tmp_path / "train" / name, 6, seed=c)
+        _write_images(tmp_path / "val" / name, 2, seed=10 + c)
+    _write_images(tmp_path / "ood_near", 5, seed=20)
+    _write_images(tmp_path / "ood_far", 4, seed=21)
+    ood_sets = [{"name": "near_set", "group": "near", "path": str(tmp_path / "ood_near")},
+                {"name": "far_set", "group": "far", "path": str(tmp_path / "ood_far")}]
+    args = [
+        "fit", "--config", os.path.join(REPO, "configs", f"imagenet_resnet50_{loss}.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),  # W&B is disabled in tests (conftest)
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--model.width", "8",
+        "--data.train_dir", str(tmp_path / "train"), "--data.test_dir", str(tmp_path / "val"),
+        "--data.image_size", "64", "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_size", "6",
+        "--data.ood_sets", json.dumps(ood_sets),
+    ]
+    cli = OODCLI(args=args)
+    (evaluation,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "OODEvaluation"]
+    assert evaluation.tune == "jigsaw" and evaluation.fit_samples == 5000
+    (results_path,) = glob.glob(str(tmp_path / "runs" / "*" / "*" / "results.json"))
+    results_dir = os.path.dirname(results_path)
+    with open(results_path) as f:
+        results = json.load(f)
+    assert results["id"]["n"] == 6 and results["ood"] == {"near_set": {"n": 5, "group": "near"}, "far_set": {"n": 4, "group": "far"}}
+    assert {"msp", "max_logit", "energy", "feature_norm"} <= set(results["metrics"])
+    if loss == "isomax_plus":
+        # its native minimum-distance score is added; WeiPer's perturbed linear projections do
+        # not apply to a distance head (skipped with a reason)
+        assert "min_distance" in results["metrics"]
+        assert "weiper" not in results["metrics"] and "weiper" in results["skipped"]
+    else:
+        assert "weiper" in results["metrics"]
+    for scores in results["metrics"].values():
+        assert set(scores) == {"near_set", "far_set", "near", "far"}
+        for metric in scores["near_set"].values():
+            assert 0.0 <= metric <= 1.0
+    assert os.path.isfile(os.path.join(results_dir, "model_with_detectors.ckpt"))
 
 
 def test_missing_imagenet_folder_fails_with_a_clear_error(tmp_path):

@@ -75,6 +75,19 @@ def test_isomax_plus_is_scale_invariant_in_features():
     torch.testing.assert_close(head(features), head(10.0 * features), atol=1e-6, rtol=0)
 
 
+def test_isomax_plus_distances_stay_float32_under_bf16_autocast():
+    """Mixed precision hands the head bfloat16 features; the distances are computed in
+    float32 from them (cdist has no bfloat16 CPU kernel), so logits equal the float32 head
+    applied to the same bf16-rounded features."""
+    torch.manual_seed(0)
+    head = IsoMaxPlusHead(16, 5)
+    features = torch.randn(4, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head(features.float()), rtol=0, atol=0)
+
+
 def test_l2_head_train_mode_normalises_and_divides_by_temperature():
     torch.manual_seed(0)
     head = L2NormalizedHead(6, 3, temperature=0.1).train()

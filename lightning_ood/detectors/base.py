@@ -29,6 +29,12 @@ class ForwardOutputs:
     features: Tensor
     block_norms: Optional[Tensor] = None
 
+    def float(self) -> "ForwardOutputs":
+        """The same outputs in (at least) float32: under bf16/fp16 mixed precision the
+        backbone's outputs are half precision, while detectors keep float32 statistics."""
+        up = lambda t: t if t is None or t.dtype in (torch.float32, torch.float64) else t.float()
+        return ForwardOutputs(up(self.logits), up(self.features), up(self.block_norms))
+
 
 @dataclass
 class FitData:

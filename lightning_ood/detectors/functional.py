@@ -207,7 +207,9 @@ def feature_norm(feature_map: Tensor) -> Tensor:
     """
     if feature_map.dim() != 4:
         raise ValueError(f"feature_norm expects (B, M, H, W); got {tuple(feature_map.shape)}")
-    return torch.linalg.vector_norm(torch.relu(feature_map), dim=(2, 3)).mean(dim=1)
+    # accumulated in float32 at least, also for half-precision maps under mixed precision
+    dtype = torch.promote_types(feature_map.dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.relu(feature_map), dim=(2, 3), dtype=dtype).mean(dim=1)
 
 
 def jigsaw(images: Tensor, grid: int = 3, generator: Optional[torch.Generator] = None) -> Tensor:
