@@ -72,6 +72,9 @@ class OODCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         instantiate_with_clear_errors(super().instantiate_classes)
 
+    def before_fit(self) -> None:
+        check_sync_batchnorm(self.trainer)
+
     def after_fit(self) -> None:
         from lightning_ood.callbacks import OODEvaluation
 
@@ -113,6 +116,17 @@ class EvaluateCLI(LightningCLI):
         if not any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(OODEvaluation())
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+
+def check_sync_batchnorm(trainer: pl.Trainer) -> None:
+    """Fail in the launching process, not inside every spawned worker, when SyncBatchNorm is
+    asked for on CPUs (torch implements it for GPUs only)."""
+    from pytorch_lightning.accelerators import CPUAccelerator
+
+    # Lightning keeps the layer sync on multi-process strategies only (private attribute)
+    if getattr(trainer.strategy, "_layer_sync", None) is not None and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ValueError("trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm has no CPU implementation): "
+                         "drop --trainer.sync_batchnorm or train with --trainer.accelerator gpu")
 
 
 def check_checkpoint_fits(path: str, model: pl.LightningModule) -> None:

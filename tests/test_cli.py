@@ -218,6 +218,13 @@ def test_missing_imagenet_folder_fails_with_a_clear_error(tmp_path):
         OODCLI(args=["--config", path, "--data.train_dir", missing], run=False)
 
 
+def test_sync_batchnorm_on_cpu_fails_before_spawning(capsys):
+    args = ["fit", "--config", QUICKSTART, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp_spawn", "--trainer.sync_batchnorm", "true", "--trainer.logger", "false"]
+    with pytest.raises(ValueError, match="sync_batchnorm needs GPUs.*drop --trainer.sync_batchnorm"):
+        OODCLI(args=args)
+
+
 def test_check_checkpoint_fits_names_the_class_count(tmp_path):
     ten = OODClassifier(num_classes=10, width=8)
     path = tmp_path / "ten.ckpt"
