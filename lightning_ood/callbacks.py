@@ -73,7 +73,9 @@ class OODEvaluation(pl.Callback):
         weiper_grid: overrides of WeiPer's grid, e.g. ``{"delta": [1.2, 1.8]}``.
         save_checkpoint: write ``<output_dir>/model_with_detectors.ckpt`` (rank 0): the model,
             its fitted detectors, preprocessing and thresholds in one file for
-            ``lightning_ood.load`` (also logged as a W&B artifact when W&B is the logger).
+            ``lightning_ood.load`` (also logged as a W&B artifact when W&B is the logger);
+            for a ``PostHocClassifier``, the ``torch.export`` program
+            ``model_with_detectors.pt2`` instead.
     """
 
     def __init__(

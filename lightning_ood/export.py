@@ -47,7 +47,7 @@ import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,9 @@ from lightning_ood.detectors import functional as F_det
 from lightning_ood.detectors.weiper import bin_scale, perturbed_msp_sum, symmetric_kl
 from lightning_ood.module import OODClassifier
 
+if TYPE_CHECKING:
+    from lightning_ood.posthoc import PostHocClassifier
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT = "lightning_ood"
@@ -66,11 +69,14 @@ FORMAT = "lightning_ood"
 FORMAT_VERSION = 1
 #: File name written by ``OODEvaluation`` into its output folder.
 CHECKPOINT_NAME = "model_with_detectors.ckpt"
+#: What ``OODEvaluation`` writes instead for a user's own network (``PostHocClassifier``):
+#: its class cannot be rebuilt from a weights-only checkpoint, a ``torch.export`` program can.
+PROGRAM_NAME = "model_with_detectors.pt2"
 #: Name of the JSON metadata stored inside ``.pt2`` files (``extra_files``).
 PROGRAM_METADATA = "lightning_ood.json"
 
 __all__ = [
-    "CHECKPOINT_NAME", "FORMAT", "FORMAT_VERSION", "CheckpointError", "OODModel",
+    "CHECKPOINT_NAME", "PROGRAM_NAME", "FORMAT", "FORMAT_VERSION", "CheckpointError", "OODModel",
     "detector_classes", "export_program", "load", "load_program", "main",
     "preprocessing_from_datamodule", "save_with_detectors",
 ]
@@ -109,7 +115,9 @@ class OODModel(nn.Module):
 
     Attributes:
         classifier: the :class:`~lightning_ood.module.OODClassifier` (backbone, head and
-            ``detectors``); its ``forward_outputs`` is the one forward pass used here.
+            ``detectors``; or a :class:`~lightning_ood.posthoc.PostHocClassifier`, which
+            can be exported but not saved); its ``forward_outputs`` is the one forward pass
+            used here.
         thresholds: detector name -> score threshold.
         preprocessing: ``image_size``, ``resize_size``, ``crop_size``, ``interpolation``,
             ``mean``, ``std`` of the ID test transform, or ``None``.
@@ -117,7 +125,7 @@ class OODModel(nn.Module):
 
     def __init__(
         self,
-        classifier: OODClassifier,
+        classifier: Union[OODClassifier, "PostHocClassifier"],
         thresholds: Optional[Mapping[str, float]] = None,
         preprocessing: Optional[Mapping[str, Any]] = None,
     ) -> None:
@@ -804,20 +812,23 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-def _as_model(module_or_path: Union[PathLike, OODModel, OODClassifier]) -> OODModel:
+def _as_model(module_or_path: Union[PathLike, OODModel, OODClassifier, "PostHocClassifier"]) -> OODModel:
+    from lightning_ood.posthoc import PostHocClassifier
+
     if isinstance(module_or_path, OODModel):
         return module_or_path
-    if isinstance(module_or_path, OODClassifier):
+    if isinstance(module_or_path, (OODClassifier, PostHocClassifier)):
         datamodule = _attached_datamodule(module_or_path)
         spec = preprocessing_from_datamodule(datamodule) if datamodule is not None else None
         return OODModel(module_or_path, preprocessing=spec)
     if isinstance(module_or_path, (str, os.PathLike)):
         return load(module_or_path)
-    raise TypeError(f"export_program needs a model file path, an OODModel or an OODClassifier; got {type(module_or_path).__name__}")
+    raise TypeError("export_program needs a model file path, an OODModel, an OODClassifier or a PostHocClassifier; "
+                    f"got {type(module_or_path).__name__}")
 
 
 def export_program(
-    module_or_path: Union[PathLike, OODModel, OODClassifier],
+    module_or_path: Union[PathLike, OODModel, OODClassifier, "PostHocClassifier"],
     out_path: PathLike,
     example_batch: int = 2,
     image_size: Optional[int] = None,
@@ -832,7 +843,8 @@ def export_program(
     which also returns the preprocessing and thresholds stored in the file.
 
     Args:
-        module_or_path: a model file, an :class:`OODModel` or an ``OODClassifier``.
+        module_or_path: a model file, an :class:`OODModel`, an ``OODClassifier`` or a
+            ``PostHocClassifier`` (a user's network with its fitted detectors).
         out_path: the ``.pt2`` file to write (atomically).
         example_batch: batch size of the example input used for tracing (>= 2, so the
             batch dimension stays symbolic).
@@ -972,22 +984,34 @@ def load_program(path: PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- callback hook
-def save_after_evaluation(trainer: Any, pl_module: OODClassifier, output_dir: str,
+def save_after_evaluation(trainer: Any, pl_module: Union[OODClassifier, "PostHocClassifier"], output_dir: str,
                           thresholds: Optional[Mapping[str, float]]) -> Optional[str]:
-    """Write ``<output_dir>/model_with_detectors.ckpt`` (rank 0 only; called by
+    """Write ``<output_dir>/model_with_detectors.ckpt`` — or, for a ``PostHocClassifier``,
+    the ``torch.export`` program ``model_with_detectors.pt2`` — (rank 0 only; called by
     ``OODEvaluation``) and log it as a W&B artifact when a ``WandbLogger`` is attached.
-    A model that cannot be saved (e.g. a custom detector class) gives a warning, not an error."""
+    A model that cannot be saved (e.g. a custom detector class, a network that does not
+    export) gives a warning, not an error."""
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.utilities import rank_zero_warn
 
-    path = os.path.join(output_dir, CHECKPOINT_NAME)
+    from lightning_ood.posthoc import PostHocClassifier
+
     datamodule = getattr(trainer, "datamodule", None)
     preprocessing = preprocessing_from_datamodule(datamodule) if datamodule is not None else None
-    try:
-        save_with_detectors(pl_module, path, preprocessing, thresholds)
-    except CheckpointError as err:
-        rank_zero_warn(f"OODEvaluation: {CHECKPOINT_NAME} not written: {err}")
-        return None
+    if isinstance(pl_module, PostHocClassifier):
+        path = os.path.join(output_dir, PROGRAM_NAME)
+        try:
+            export_program(OODModel(pl_module, thresholds, preprocessing), path)
+        except Exception as err:  # the user's network may not trace: the report stands without it
+            rank_zero_warn(f"OODEvaluation: {PROGRAM_NAME} not written: {_first_line(err)}")
+            return None
+    else:
+        path = os.path.join(output_dir, CHECKPOINT_NAME)
+        try:
+            save_with_detectors(pl_module, path, preprocessing, thresholds)
+        except CheckpointError as err:
+            rank_zero_warn(f"OODEvaluation: {CHECKPOINT_NAME} not written: {err}")
+            return None
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             log_artifact(logger.experiment, path, {
@@ -1004,7 +1028,8 @@ def log_artifact(run: Any, path: str, metadata: Optional[dict[str, Any]] = None)
     run_id = str(getattr(run, "id", None) or "run")
     artifact = wandb.Artifact(
         name=f"model-with-detectors-{run_id}", type="model", metadata=metadata or {},
-        description="lightning_ood model with its fitted OOD detectors: lightning_ood.load(path)",
+        description="lightning_ood model with its fitted OOD detectors: " + (
+            "lightning_ood.export.load_program(path)" if path.endswith(".pt2") else "lightning_ood.load(path)"),
     )
     artifact.add_file(path, name=os.path.basename(path))
     run.log_artifact(artifact, aliases=["latest"])

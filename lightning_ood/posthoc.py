@@ -48,6 +48,11 @@ class PostHocClassifier(pl.LightningModule):
         penultimate: name of the module whose output is the pooled feature (``avgpool``).
         head: name of the final classification module (``fc``).
         num_classes: expected number of classes (checked against the head's output).
+
+    After ``trainer.test`` with ``OODEvaluation``, the network and its fitted detectors are
+    written as a ``torch.export`` program, ``model_with_detectors.pt2`` (a weights-only
+    checkpoint could not rebuild an arbitrary class); read it with
+    :func:`lightning_ood.export.load_program`.
     """
 
     def __init__(
@@ -86,6 +91,10 @@ class PostHocClassifier(pl.LightningModule):
         modules[penultimate].register_forward_hook(self._keep_features)
         self.hparams["loss"] = "ce"
         self.test_accuracy = MulticlassAccuracy(out_features or num_classes or 2, average="micro")
+
+    @property
+    def num_classes(self) -> int:
+        return self.test_accuracy.num_classes
 
     def _keep_features(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         self._features = torch.flatten(output, 1)

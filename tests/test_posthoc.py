@@ -67,6 +67,35 @@ def test_torchvision_resnet_through_ood_evaluation(tmp_path, resnet_weights):
     assert results["id"]["accuracy"] == pytest.approx(accuracy)
 
 
+def test_evaluated_user_network_is_exported_with_its_detectors(tmp_path, resnet_weights):
+    """A user's class cannot be rebuilt from a weights-only checkpoint, so the evaluation
+    writes a torch.export program: it needs no Python class to load, and gives the logits,
+    scores and is_ood of the eager network and detectors."""
+    from lightning_ood.export import load_program
+
+    model = _resnet(resnet_weights)
+    callback = make_callback(detectors=["msp", "energy", "ash_s", "weiper"], output_dir=str(tmp_path),
+                             save_checkpoint=True)
+    datamodule = RandomOODDataModule()
+    pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=datamodule)
+    assert callback.checkpoint_path == str(tmp_path / "model_with_detectors.pt2")
+    assert not (tmp_path / "model_with_detectors.ckpt").exists()
+
+    program, metadata = load_program(callback.checkpoint_path)
+    assert metadata["detectors"] == ["msp", "energy", "ash_s", "weiper"] and metadata["not_exported"] == {}
+    assert metadata["thresholds"] == pytest.approx(callback.results["thresholds"])
+    assert metadata["preprocessing"]["crop_size"] == 16
+    images = datamodule.test_set.dataset.tensors[0][:5]  # a batch size the export never saw
+    got = program(images)
+    model.eval()
+    with torch.no_grad():
+        expected = model.forward_outputs(images)
+        torch.testing.assert_close(got["logits"], expected.logits, rtol=1e-5, atol=1e-5)
+        for name, detector in model.detectors.items():
+            torch.testing.assert_close(got["scores"][name], detector(expected), rtol=1e-5, atol=1e-5)
+            assert torch.equal(got["is_ood"][name], got["scores"][name] < metadata["thresholds"][name])
+
+
 @pytest.mark.parametrize("role, kwargs", [("penultimate", {"penultimate": "pool5"}), ("head", {"head": "classifier"})])
 def test_unknown_module_names_list_the_modules(role, kwargs):
     with pytest.raises(ValueError, match=f"has no {role} module '{list(kwargs.values())[0]}'") as err:
