@@ -207,7 +207,8 @@ def _run_bad(tmp_path, datamodule=None, detectors=DETECTORS, **options):
 def test_missing_ood_folder_fails_before_compute(tmp_path):
     missing = tmp_path / "no_such_folder"
     datamodule = RandomOODDataModule(ood_sets=[OODSet("near_noise", "near"), OODSet("x", path=str(missing))])
-    with pytest.raises(FileNotFoundError, match="OOD folder not found: .*no_such_folder"):
+    with pytest.raises(FileNotFoundError, match=r"OOD folder not found: .*no_such_folder \(OOD set 'x'\): "
+                       r"point its `path` at a folder of images or remove the set from the config"):
         _run_bad(tmp_path, datamodule)
     assert not (tmp_path / "out" / "results.json").exists()
 

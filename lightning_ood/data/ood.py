@@ -48,7 +48,12 @@ def build_ood_set(spec: OODSet, datamodule: "OODDataModule") -> IndexedDataset:
     or an unknown name fails here, before any compute)."""
     test_transform = datamodule.test_transform()
     if spec.path is not None:
-        return IndexedDataset(ImageFiles(spec.path), test_transform, ood=True)
+        try:
+            files = ImageFiles(spec.path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (OOD set {spec.name!r}): point its `path` at a folder of images "
+                                    "or remove the set from the config") from None
+        return IndexedDataset(files, test_transform, ood=True)
     if spec.name in DIGITS_OOD:
         from lightning_ood.data.digits import DigitsDataModule, photo_patches
 
