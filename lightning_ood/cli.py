@@ -79,7 +79,8 @@ class OODCLI(LightningCLI):
         from lightning_ood.callbacks import OODEvaluation
 
         if any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            # the OOD report already gives the ID accuracy: no half-empty Lightning table
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
 
 
 class EvaluateCLI(LightningCLI):
@@ -115,7 +116,7 @@ class EvaluateCLI(LightningCLI):
             check_checkpoint_fits(ckpt_path, self.model)
         if not any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(OODEvaluation())
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
 def check_sync_batchnorm(trainer: pl.Trainer) -> None:
