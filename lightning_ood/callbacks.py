@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -134,12 +134,18 @@ class OODEvaluation(pl.Callback):
             return
         datamodule = trainer.datamodule
         if not isinstance(datamodule, OODDataModule):
-            raise TypeError(f"OODEvaluation needs an OODDataModule (ID test set + OOD sets) passed to trainer.{stage}")
+            if stage == "fit":  # training with plain dataloaders is fine; the evaluation needs more
+                rank_zero_warn("OODEvaluation runs in trainer.test with an OODDataModule (ID test set + OOD "
+                               "sets); this fit has none, so its OOD sets cannot be checked now")
+                return
+            raise TypeError("OODEvaluation needs an OODDataModule (ID test set + OOD sets) passed to trainer.test")
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
         # built now, so a missing OOD validation folder fails before any compute as well
-        self._ood_val_datasets = {spec.name: datamodule.build_ood(spec) for spec in self.ood_val_sets}
+        self._ood_val_datasets = []
+        if self.tune == "ood_val":
+            self._ood_val_datasets = [(spec.name, datamodule.build_ood(spec)) for spec in self.ood_val_sets]
         if stage == "test":
             groups = datamodule.ood_groups()
             rank_zero_info(f"ID test set {datamodule.name}: {len(datamodule.test_set)} images")
@@ -208,11 +214,11 @@ class OODEvaluation(pl.Callback):
         """Every rank runs the whole (small) dataset, so all ranks tune identically."""
         loader = DataLoader(dataset, batch_size=self._datamodule.batch_size, shuffle=False)
         plain, shuffled = [], []
-        # the test pass's precision (autocast under bf16/fp16-mixed), so tuning sees test-time features
+        # the test pass's precision (input dtype, autocast), so tuning sees test-time features
         with torch.inference_mode(), trainer.precision_plugin.forward_context():
             for images, _, indices in tqdm(loader, desc=desc, disable=not trainer.is_global_zero
                                            or not trainer.progress_bar_callback):
-                images = images.to(pl_module.device)
+                images = trainer.precision_plugin.convert_input(images.to(pl_module.device))
                 plain.append(pl_module.forward_outputs(images))
                 if jigsaw_too:
                     shuffled.append(pl_module.forward_outputs(self._jigsaw(images, indices)))
@@ -233,7 +239,7 @@ class OODEvaluation(pl.Callback):
                               "vs their jigsaw versions")
         id_outputs, _ = self._forward_all(trainer, pl_module, subset, "Tuning: ID validation")
         ood = [self._forward_all(trainer, pl_module, dataset, f"Tuning: {name}")[0]
-               for name, dataset in self._ood_val_datasets.items()]
+               for name, dataset in self._ood_val_datasets]
         ood_outputs = concat_outputs(ood)
         names = ", ".join(spec.name for spec in self.ood_val_sets)
         return TuningData(id_outputs, ood_outputs, "ood_val",
@@ -250,7 +256,7 @@ class OODEvaluation(pl.Callback):
         with torch.inference_mode(), trainer.precision_plugin.forward_context():
             for images, _, indices in tqdm(loader, desc="Fitting detectors on ID training data",
                                      disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
-                images = images.to(pl_module.device)
+                images = trainer.precision_plugin.convert_input(images.to(pl_module.device))
                 outputs = pl_module.forward_outputs(images, with_block_norms=need_blocks)
                 features.append(outputs.features)
                 if outputs.block_norms is not None:

@@ -17,15 +17,22 @@ its report), deploy one file::
   dimension) computing logits, every exportable detector's score and ``is_ood``; also
   ``python -m lightning_ood.export CKPT --out model.pt2``.
 
-File layout (``format_version`` 1)::
+File layout (``format_version`` 2)::
 
-    {"format": "lightning_ood", "format_version": 1, "lightning_ood_version": str,
+    {"format": "lightning_ood", "format_version": 2, "lightning_ood_version": str,
      "torch_version": str,
      "model": {"class": "OODClassifier", "hparams": {backbone, loss, num_classes, ...}},
-     "detectors": [{"name": str, "class": str, "init_args": {...}}, ...],
+     "detectors": [{"name": str, "class": str, "init_args": {...},
+                    "regenerated": {buffer name: sha256 hex}}, ...],   # may be empty
      "state_dict": {name: Tensor},        # backbone.*, head.*, detectors.<name>.*
      "preprocessing": {image_size, resize_size, crop_size, interpolation, mean, std} | None,
      "thresholds": {detector name: float}}   # score < threshold -> OOD
+
+Version 2 leaves out WeiPer's perturbed head ``W~, b~`` (819 MB for an ImageNet ResNet50)
+when it is exactly what the saved head, ``delta``, ``n_repeats`` and ``seed`` re-draw:
+:func:`load` re-draws it and checks it against the recorded SHA-256 (a torch whose random
+generator changed gives a clear error instead of different scores). Version 1 files, which
+store ``W~``, still load.
 
 Writes are atomic: a temporary file in the destination folder, ``fsync``, then
 ``os.replace``, so an interrupted save never leaves a partial file under the final name and
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -56,7 +64,7 @@ import lightning_ood.detectors as _detectors
 from lightning_ood import __version__
 from lightning_ood.detectors import ASH, Detector, FeatureNorm, ForwardOutputs, WeiPer
 from lightning_ood.detectors import functional as F_det
-from lightning_ood.detectors.weiper import bin_scale, perturbed_msp_sum, symmetric_kl
+from lightning_ood.detectors.weiper import bin_scale, draw_perturbed_head, perturbed_msp_sum, symmetric_kl
 from lightning_ood.module import OODClassifier
 
 if TYPE_CHECKING:
@@ -66,7 +74,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT = "lightning_ood"
 #: Bumped whenever a reader of the previous version could misread a new file.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: File name written by ``OODEvaluation`` into its output folder.
 CHECKPOINT_NAME = "model_with_detectors.ckpt"
 #: What ``OODEvaluation`` writes instead for a user's own network (``PostHocClassifier``):
@@ -286,6 +294,7 @@ def save_with_detectors(
     path: PathLike,
     preprocessing: Optional[Mapping[str, Any]] = None,
     thresholds: Optional[Mapping[str, float]] = None,
+    compact: bool = True,
 ) -> str:
     """Write a model with its fitted detectors to ``path`` (atomically).
 
@@ -298,6 +307,10 @@ def save_with_detectors(
             module is attached to, if any.
         thresholds: detector name -> score threshold (``score < threshold`` = OOD).
             ``None``: the ``OODModel``'s own, else none.
+        compact: leave out WeiPer's perturbed head when :func:`load` can re-draw it
+            bit-identically from the saved head and seed (checked here, and against a
+            SHA-256 at load). ``False`` stores it, e.g. for a file that must load under a
+            torch version whose random generator may differ.
 
     Returns:
         ``path`` as a string.
@@ -321,14 +334,19 @@ def save_with_detectors(
         datamodule = _attached_datamodule(classifier)
         if datamodule is not None:
             preprocessing = preprocessing_from_datamodule(datamodule)
+    state = _deployable_state(classifier)
+    detectors = [_detector_config(name, detector) for name, detector in classifier.detectors.items()]
+    if compact:
+        for entry in detectors:
+            entry["regenerated"] = _leave_out_regenerable(classifier, entry["name"], state)
     checkpoint = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lightning_ood_version": __version__,
         "torch_version": str(torch.__version__),
         "model": {"class": "OODClassifier", "hparams": _model_config(classifier)},
-        "detectors": [_detector_config(name, detector) for name, detector in classifier.detectors.items()],
-        "state_dict": _deployable_state(classifier),
+        "detectors": detectors,
+        "state_dict": state,
         "preprocessing": _check_preprocessing(preprocessing),
         "thresholds": _check_thresholds(thresholds, list(classifier.detectors)),
     }
@@ -375,6 +393,27 @@ def _deployable_state(classifier: OODClassifier) -> dict[str, Tensor]:
     """backbone.*, head.* and detectors.* (every persistent entry of an OODClassifier)."""
     state = classifier.state_dict()
     return {k: v.detach().to("cpu") for k, v in state.items() if k.split(".", 1)[0] in ("backbone", "head", "detectors")}
+
+
+def _sha256(tensor: Tensor) -> str:
+    array = tensor.detach().to("cpu").contiguous().numpy()
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
+def _leave_out_regenerable(classifier: OODClassifier, name: str, state: dict[str, Tensor]) -> dict[str, str]:
+    """Drop a WeiPer's ``W~, b~`` from ``state`` when re-drawing them from the classifier's
+    head gives the same bits; return their SHA-256 digests (empty when they are kept)."""
+    detector = classifier.detectors[name]
+    if not isinstance(detector, WeiPer) or detector.perturbed_weight is None:
+        return {}
+    head = classifier.head
+    weight, bias = draw_perturbed_head(head.weight, head.bias, detector.n_repeats, detector.delta, detector.seed)
+    stored = {"perturbed_weight": detector.perturbed_weight, "perturbed_bias": detector.perturbed_bias}
+    if not (torch.equal(weight, stored["perturbed_weight"].cpu()) and torch.equal(bias, stored["perturbed_bias"].cpu())):
+        return {}  # drawn from another weight (or changed since): keep the tensors themselves
+    for buffer in stored:
+        del state[f"detectors.{name}.{buffer}"]
+    return {buffer: _sha256(tensor) for buffer, tensor in stored.items()}
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -611,15 +650,35 @@ def _build(checkpoint: dict[str, Any], path: str) -> OODModel:
         try:
             detector = allowed[cls_name](**cfg["init_args"])
             _fill_unallocated(detector, state, f"detectors.{name}.")
-            detector.attach(classifier.head, classifier.backbone.num_blocks)
+            detector.attach(classifier.head, classifier.backbone.num_blocks)  # re-draws what the file left out
         except (TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: detector {name!r} ({cls_name}) does not fit the model ({described}): {err}") from None
+        _check_regenerated(path, checkpoint, name, detector, cfg.get("regenerated") or {}, state)
         detectors[name] = detector
     classifier.detectors.update(detectors)
     expected = {k: v for k, v in classifier.state_dict().items() if k.split(".", 1)[0] in ("backbone", "head", "detectors")}
     _check_fit(path, described, expected, state)
     classifier.load_state_dict(state, strict=True)
     return OODModel(classifier, checkpoint.get("thresholds") or {}, checkpoint.get("preprocessing"))
+
+
+def _check_regenerated(path: str, checkpoint: dict[str, Any], name: str, detector: Detector,
+                       digests: Mapping[str, str], state: dict[str, Tensor]) -> None:
+    """Compare the buffers ``attach`` re-drew with the digests recorded at save time and
+    put them into ``state`` (so the strict load that follows sees every buffer)."""
+    for buffer, digest in digests.items():
+        key = f"detectors.{name}.{buffer}"
+        tensor = getattr(detector, buffer, None)
+        if key in state or not isinstance(tensor, Tensor):
+            raise CheckpointError(f"{path}: detector {name!r}: damaged 'regenerated' entry for {buffer!r}")
+        if _sha256(tensor) != digest:
+            raise CheckpointError(
+                f"{path}: detector {name!r}: {buffer} re-drawn from the saved head and seed differs from the one "
+                f"the file was written with (torch {checkpoint.get('torch_version', '?')}; this is torch "
+                f"{torch.__version__}, whose random generator may differ). Load the file with that torch version "
+                "and re-save it with save_with_detectors(..., compact=False)."
+            )
+        state[key] = tensor
 
 
 def _fill_unallocated(detector: Detector, state: dict[str, Tensor], prefix: str) -> None:
@@ -998,10 +1057,11 @@ def save_after_evaluation(trainer: Any, pl_module: Union[OODClassifier, "PostHoc
 
     datamodule = getattr(trainer, "datamodule", None)
     preprocessing = preprocessing_from_datamodule(datamodule) if datamodule is not None else None
+    detectors = list(pl_module.detectors)
     if isinstance(pl_module, PostHocClassifier):
         path = os.path.join(output_dir, PROGRAM_NAME)
         try:
-            export_program(OODModel(pl_module, thresholds, preprocessing), path)
+            detectors = export_program(OODModel(pl_module, thresholds, preprocessing), path)["exported"]
         except Exception as err:  # the user's network may not trace: the report stands without it
             rank_zero_warn(f"OODEvaluation: {PROGRAM_NAME} not written: {_first_line(err)}")
             return None
@@ -1015,8 +1075,8 @@ def save_after_evaluation(trainer: Any, pl_module: Union[OODClassifier, "PostHoc
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             log_artifact(logger.experiment, path, {
-                "format": FORMAT, "format_version": FORMAT_VERSION,
-                "detectors": list(pl_module.detectors), "thresholds": dict(thresholds or {}),
+                "format": FORMAT, "format_version": FORMAT_VERSION, "detectors": detectors,
+                "thresholds": {n: t for n, t in (thresholds or {}).items() if n in detectors},
             })
     return path
 

@@ -5,6 +5,8 @@ from shaped features (ASH) can call any head the same way.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,15 +68,19 @@ class IsoMaxPlusHead(nn.Module):
         nn.init.constant_(self.distance_scale, 1.0)
 
     def forward(self, features: Tensor) -> Tensor:
-        # float32 distances under any autocast precision: cdist has no bfloat16 kernel on CPU,
-        # and half-precision distances between unit vectors blur the class ranking
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        # distances in float32 at least, under any (autocast) precision: cdist has no bfloat16
+        # kernel on CPU, and half-precision distances between unit vectors blur the ranking
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        device_type = features.device.type
+        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+        with no_autocast:
             distances = torch.cdist(
-                F.normalize(features.float(), dim=1),
-                F.normalize(self.prototypes.float(), dim=1),
+                F.normalize(features.to(dtype), dim=1),
+                F.normalize(self.prototypes.to(dtype), dim=1),
                 compute_mode="donot_use_mm_for_euclid_dist",
             )
-        return -torch.abs(self.distance_scale.float()) * distances
+        return -torch.abs(self.distance_scale.to(dtype)) * distances
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"

@@ -90,7 +90,10 @@ class PostHocClassifier(pl.LightningModule):
         self._features: Optional[Tensor] = None
         modules[penultimate].register_forward_hook(self._keep_features)
         self.hparams["loss"] = "ce"
-        self.test_accuracy = MulticlassAccuracy(out_features or num_classes or 2, average="micro")
+        classes = out_features or num_classes
+        if not classes:
+            raise ValueError(f"the class count is unknown: the head {head!r} has no out_features; pass num_classes")
+        self.test_accuracy = MulticlassAccuracy(classes, average="micro")
 
     @property
     def num_classes(self) -> int:

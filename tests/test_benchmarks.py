@@ -56,6 +56,9 @@ CASES = {
     "weiper_throughput": (["weiper_throughput.py", "--tiny"], [], []),
     "tuning_cost": (["tuning_cost.py", "--tiny"], [["detectors", "grid points scored", "seconds"]],
                     ["| ASH-P/B/S | 39 |", "| WeiPer | 2 |"]),
+    "checkpoint_size": (["checkpoint_size.py", "--tiny"], [["file", "size (MB)", "save (s)", "load (s)"]],
+                        ["identical to the saved model's in both files: True", "| compact (default) |",
+                         "| compact=False |"]),
 }
 # any other script in benchmarks/ must at least run --tiny and print a table
 for _script in sorted(BENCH.glob("*.py")):

@@ -238,6 +238,25 @@ def test_missing_ood_folder_fails_before_training(tmp_path, bad):
     assert steps.steps == 0
 
 
+def test_fit_without_a_datamodule_or_with_unused_ood_val_sets_still_trains(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from tests.ddp_eval_script import make_callback, trainer_kwargs
+
+    unused = [OODSet("x", "far", path=str(tmp_path / "no_such_folder"))]  # only read by tune="ood_val"
+    steps = _CountTrainingSteps()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=1, callbacks=[make_callback(ood_val_sets=unused), steps]))
+    trainer.fit(make_model(), datamodule=RandomOODDataModule())
+    assert steps.steps == 1
+    datamodule = RandomOODDataModule()
+    datamodule.setup("fit")
+    steps = _CountTrainingSteps()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=1, callbacks=[make_callback(), steps]))
+    with pytest.warns(UserWarning, match="OODEvaluation runs in trainer.test with an OODDataModule"):
+        trainer.fit(make_model(), train_dataloaders=DataLoader(datamodule.train_set, batch_size=4))
+    assert steps.steps == 1
+
+
 def test_empty_ood_folder_fails_before_compute(tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -317,3 +336,20 @@ def test_bf16_mixed_precision_evaluation_matches_float32(tmp_path, loss):
                 assert math.isfinite(mixed["metrics"][detector][set_name][metric])
                 assert mixed["metrics"][detector][set_name][metric] == pytest.approx(value, abs=0.2), (detector, set_name, metric)
     assert mixed["id"]["accuracy"] == pytest.approx(full["id"]["accuracy"], abs=0.1)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+@pytest.mark.parametrize("loss", ["ce", "isomax_plus"])
+def test_whole_model_precisions_evaluate(tmp_path, precision, loss):
+    """Lightning converts model and inputs to the precision; the fit and tuning passes do
+    the same, and every detector scores (ASH re-computes logits in the head's dtype)."""
+    from tests.ddp_eval_script import make_callback, trainer_kwargs
+
+    callback = make_callback(detectors=None, output_dir=str(tmp_path), tune="jigsaw")
+    pl.Trainer(**trainer_kwargs(precision=precision, callbacks=[callback])).test(
+        make_model(loss), datamodule=RandomOODDataModule())
+    expected = {"msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "feature_norm"}
+    expected |= {"min_distance"} if loss == "isomax_plus" else {"weiper"}
+    assert set(callback.results["metrics"]) == expected
+    for per_set in callback.results["metrics"].values():
+        assert all(math.isfinite(v) for metrics in per_set.values() for v in metrics.values())

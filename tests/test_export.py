@@ -103,7 +103,11 @@ def test_evaluation_writes_a_safe_file_that_loads_identically_in_a_fresh_process
     assert classes == {"msp": "MSP", "energy": "Energy", "ash_s": "ASH", "weiper": "WeiPer", "feature_norm": "FeatureNorm"}
     weiper_args = next(d["init_args"] for d in raw["detectors"] if d["name"] == "weiper")
     assert weiper_args["weight"] is None and weiper_args["bias"] is None
-    assert "detectors.weiper.perturbed_weight" in raw["state_dict"]
+    # W~ is re-drawn at load from the saved head and seed, checked against its digest
+    assert "detectors.weiper.perturbed_weight" not in raw["state_dict"]
+    assert "detectors.weiper.train_hist_wz" in raw["state_dict"]
+    regenerated = next(d["regenerated"] for d in raw["detectors"] if d["name"] == "weiper")
+    assert set(regenerated) == {"perturbed_weight", "perturbed_bias"}
     assert raw["preprocessing"]["mean"] == pytest.approx(list(evaluated.dm.mean))
     assert raw["preprocessing"]["crop_size"] == 32
     assert raw["thresholds"] == callback.results["thresholds"] and set(raw["thresholds"]) == set(classes)
@@ -281,6 +285,72 @@ def test_every_detector_round_trips(tmp_path, loss, names):
     assert set(out["is_ood"]) == set(loaded.thresholds)
     reloaded = load(save_with_detectors(loaded, tmp_path / "again.ckpt"))  # keeps thresholds, preprocessing
     assert reloaded.thresholds == loaded.thresholds and reloaded.preprocessing == loaded.preprocessing
+
+
+def _weiper_file(tmp_path, **save_options):
+    model = _fitted_classifier("ce", ["msp", "weiper"])
+    return model, save_with_detectors(model, tmp_path / "m.ckpt", **save_options)
+
+
+def test_weiper_perturbed_head_is_redrawn_at_load_not_stored(tmp_path):
+    model, compact = _weiper_file(tmp_path)
+    full = save_with_detectors(model, tmp_path / "full.ckpt", compact=False)
+    raw, raw_full = torch.load(compact, weights_only=True), torch.load(full, weights_only=True)
+    assert "detectors.weiper.perturbed_weight" not in raw["state_dict"]
+    assert "detectors.weiper.perturbed_weight" in raw_full["state_dict"]
+    weiper_entry = next(d for d in raw_full["detectors"] if d["name"] == "weiper")
+    assert weiper_entry.get("regenerated", {}) == {}
+    # (7 repeats x 3 classes x 64) float32 values fewer on disk
+    saved = os.path.getsize(full) - os.path.getsize(compact)
+    assert saved >= model.detectors["weiper"].perturbed_weight.numel() * 4
+    x = torch.randn(4, 3, 16, 16)
+    reference = _reference(model, x)
+    for path in (compact, full):
+        loaded = load(path)
+        assert torch.equal(loaded.detectors["weiper"].perturbed_weight, model.detectors["weiper"].perturbed_weight)
+        assert torch.equal(loaded.detectors["weiper"].perturbed_bias, model.detectors["weiper"].perturbed_bias)
+        with torch.no_grad():
+            _assert_outputs_close(loaded(x), reference, atol=0)
+
+
+def test_perturbed_head_not_derivable_from_the_head_is_stored(tmp_path):
+    model = _fitted_classifier("ce", ["weiper"])
+    with torch.no_grad():
+        model.head.weight.add_(0.5)  # the head changed after W~ was drawn from it
+    path = save_with_detectors(model, tmp_path / "m.ckpt")
+    assert "detectors.weiper.perturbed_weight" in torch.load(path, weights_only=True)["state_dict"]
+    loaded = load(path)
+    assert torch.equal(loaded.detectors["weiper"].perturbed_weight, model.detectors["weiper"].perturbed_weight)
+
+
+def test_a_redrawn_perturbed_head_that_differs_is_a_clear_error(tmp_path, monkeypatch):
+    """Stands in for a torch whose random generator changed: the re-drawn W~ is off by one
+    float32 step, and load refuses instead of giving different scores."""
+    from lightning_ood.detectors import weiper as weiper_module
+
+    _, path = _weiper_file(tmp_path)
+    real_draw = weiper_module.draw_perturbed_head
+
+    def drifted(*args, **kwargs):
+        weight, bias = real_draw(*args, **kwargs)
+        return torch.nextafter(weight, torch.full_like(weight, float("inf"))), bias
+
+    monkeypatch.setattr(weiper_module, "draw_perturbed_head", drifted)
+    with pytest.raises(CheckpointError, match=r"weiper.*perturbed_weight re-drawn .* differs.*torch .*compact=False"):
+        load(path)
+
+
+def test_format_version_1_files_still_load(tmp_path):
+    model, _ = _weiper_file(tmp_path)
+    path = save_with_detectors(model, tmp_path / "v2_full.ckpt", compact=False)
+    raw = torch.load(path, weights_only=True)
+    raw["format_version"] = 1  # version 1: every buffer stored, no "regenerated" entries
+    for entry in raw["detectors"]:
+        entry.pop("regenerated", None)
+    torch.save(raw, tmp_path / "v1.ckpt")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        _assert_outputs_close(load(tmp_path / "v1.ckpt")(x), _reference(model, x), atol=0)
 
 
 def test_custom_detectors_are_refused_by_files_and_left_out_of_programs(tmp_path, capsys):

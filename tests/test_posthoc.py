@@ -122,6 +122,8 @@ def test_bad_class_path_and_weights_fail_clearly(tmp_path):
         _resnet(str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="head 'fc' has 3 outputs but the data has 5 classes"):
         _resnet(None, num_classes=5)
+    with pytest.raises(ValueError, match="class count is unknown: the head 'flatten' has no out_features; pass num_classes"):
+        PostHocClassifier("tests.ddp_eval_script.FlatMLP", penultimate="hidden", head="flatten")
 
 
 def test_ash_on_features_that_can_be_negative_is_skipped_with_a_reason(tmp_path):
@@ -144,3 +146,21 @@ def test_ash_on_too_few_features_is_skipped_not_crashed(tmp_path):
     callback = make_callback(detectors=["msp", "ash_s"], output_dir=str(tmp_path))
     pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
     assert set(callback.results["metrics"]) == {"msp"} and "ash_s" in callback.results["skipped"]
+
+
+class BranchOnValues(FlatMLP):
+    """A network whose control flow depends on tensor values: torch.export cannot trace it."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits if float(logits.sum()) > 0 else -logits
+
+
+def test_network_that_does_not_export_keeps_its_report(tmp_path):
+    torch.manual_seed(0)
+    model = PostHocClassifier("tests.test_posthoc.BranchOnValues", penultimate="hidden", head="fc")
+    callback = make_callback(detectors=["msp", "energy"], output_dir=str(tmp_path), save_checkpoint=True)
+    with pytest.warns(UserWarning, match="model_with_detectors.pt2 not written"):
+        pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
+    assert callback.checkpoint_path is None and not (tmp_path / "model_with_detectors.pt2").exists()
+    assert (tmp_path / "results.json").is_file() and set(callback.results["metrics"]) == {"msp", "energy"}

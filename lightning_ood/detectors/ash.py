@@ -71,7 +71,11 @@ class ASH(Detector):
         if not self._head:
             raise RuntimeError(f"{self.name} has no classification head: call attach(head) first")
         shaped = _SHAPERS[self.variant](outputs.features, self.percentile)
-        return self._head[0](shaped)
+        head = self._head[0]
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, Tensor) and weight.dtype != shaped.dtype:  # e.g. a bf16-true model
+            return head(shaped.to(weight.dtype)).to(shaped.dtype)
+        return head(shaped)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

@@ -179,6 +179,27 @@ def perturbed_msp_sum(logits: Tensor, n_classes: int) -> Tensor:
     return torch.softmax(grouped, dim=2).amax(dim=2).sum(dim=1)
 
 
+def draw_perturbed_head(weight: Tensor, bias: Optional[Tensor], n_repeats: int, delta: float,
+                        seed: int) -> tuple[Tensor, Tensor]:
+    """``(W~, b~)`` on the CPU in float32: ``n_repeats`` perturbations of every class
+    projection, ``w_c + delta * ||w_c|| * n / ||n||`` with ``n ~ N(0, I)`` drawn by a local
+    generator seeded with ``seed`` (row ``i * C + c`` is perturbation i of class c), and the
+    bias repeated ``n_repeats`` times. Deterministic: the same arguments give the same bits.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be (C, D), got shape {tuple(weight.shape)}")
+    classes, dim = weight.shape
+    w = weight.detach().to("cpu", torch.float32)
+    b = torch.zeros(classes) if bias is None else bias.detach().to("cpu", torch.float32)
+    if b.shape != (classes,):
+        raise ValueError(f"bias must be ({classes},), got shape {tuple(b.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    perturbed = torch.randn(n_repeats, classes, dim, generator=generator)
+    perturbed.div_(perturbed.norm(dim=2, keepdim=True).clamp_(min=1e-12))
+    perturbed.mul_(w.norm(dim=1, keepdim=True).mul_(delta)).add_(w)
+    return perturbed.view(n_repeats * classes, dim), b.repeat(n_repeats)
+
+
 class WeiPer(Detector):
     """WeiPer+KLD detector (Granz et al., NeurIPS 2024, arXiv:2405.17164).
 
@@ -292,22 +313,12 @@ class WeiPer(Detector):
     # ------------------------------------------------------------------ set-up
     def _allocate(self, weight: Tensor, bias: Optional[Tensor]) -> None:
         """Draw ``W~`` from ``seed`` and allocate the fitted-state buffers."""
-        if weight.ndim != 2:
-            raise ValueError(f"weight must be (C, D), got shape {tuple(weight.shape)}")
-        classes, dim = weight.shape
-        w = weight.detach().to("cpu", torch.float32)
-        b = torch.zeros(classes) if bias is None else bias.detach().to("cpu", torch.float32)
-        if b.shape != (classes,):
-            raise ValueError(f"bias must be ({classes},), got shape {tuple(b.shape)}")
+        perturbed_weight, perturbed_bias = draw_perturbed_head(weight, bias, self.n_repeats, self.delta, self.seed)
         # kept (unregistered) so set_hyperparameters can redraw W~ for another delta
         self._source = (weight.detach(), None if bias is None else bias.detach())
-        generator = torch.Generator().manual_seed(self.seed)
-        perturbed = torch.randn(self.n_repeats, classes, dim, generator=generator)
-        perturbed.div_(perturbed.norm(dim=2, keepdim=True).clamp_(min=1e-12))
-        perturbed.mul_(w.norm(dim=1, keepdim=True).mul_(self.delta)).add_(w)
         device = weight.device
-        self.perturbed_weight = perturbed.view(self.n_repeats * classes, dim).to(device)
-        self.perturbed_bias = b.repeat(self.n_repeats).to(device)
+        self.perturbed_weight = perturbed_weight.to(device)
+        self.perturbed_bias = perturbed_bias.to(device)
         self.z_range = torch.zeros(2, device=device)
         self.wz_range = torch.zeros(2, device=device)
         self.train_hist_z = torch.zeros(self.n_bins, device=device)
