@@ -267,14 +267,9 @@ def test_empty_ood_folder_fails_before_compute(tmp_path):
 
 
 def test_ood_folder_of_images_is_evaluated(tmp_path):
-    from PIL import Image
+    from tests.helpers import write_random_images
 
-    folder = tmp_path / "textures" / "nested"
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    for i in range(5):
-        pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
+    write_random_images(tmp_path / "textures" / "nested", 5, seed=0, size=(20, 24))
     datamodule = RandomOODDataModule(ood_sets=[OODSet("textures", "far", path=str(tmp_path / "textures"))])
     _, callback = run_evaluation(str(tmp_path / "out"), detectors=["msp", "energy"], datamodule=datamodule)
     assert callback.results["ood"] == {"textures": {"n": 5, "group": "far"}}

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_ood.cli import OODCLI, check_checkpoint_fits
 from lightning_ood.data import OODSet
 from lightning_ood.module import OODClassifier
-from tests.helpers import SUBPROCESS_THREADS
+from tests.helpers import SUBPROCESS_THREADS, write_random_images
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,24 +155,16 @@ def test_unknown_backbone_fails_at_parse_time_listing_choices(capsys):
     assert "model.backbone" in err and "'resnet18'" in err and "'resnet50'" in err and "vgg16" in err
 
 
-def _write_images(folder, n, seed):
-    os.makedirs(folder, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        pixels = torch.randint(0, 256, (72, 72, 3), dtype=torch.uint8, generator=generator).numpy()
-        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
-
-
 @pytest.mark.parametrize("loss", ["ce", "isomax_plus"])
 def test_imagenet_recipe_trains_then_prints_the_ood_report(tmp_path, loss):
     """An ImageNet recipe (bf16-mixed), shrunk (width 8, 64 px, 2 steps) on a generated class-per-folder
     tree: fit, then the recipe's OODEvaluation callback fits, tunes and scores every detector
     on the 16 ResNet50 blocks, and writes the report and the checkpoint with detectors."""
     for c, name in enumerate(("ant", "bee", "cow")):
-        _write_images(tmp_path / "train" / name, 6, seed=c)
-        _write_images(tmp_path / "val" / name, 2, seed=10 + c)
-    _write_images(tmp_path / "ood_near", 5, seed=20)
-    _write_images(tmp_path / "ood_far", 4, seed=21)
+        write_random_images(tmp_path / "train" / name, 6, seed=c, size=(72, 72))
+        write_random_images(tmp_path / "val" / name, 2, seed=10 + c, size=(72, 72))
+    write_random_images(tmp_path / "ood_near", 5, seed=20, size=(72, 72))
+    write_random_images(tmp_path / "ood_far", 4, seed=21, size=(72, 72))
     ood_sets = [{"name": "near_set", "group": "near", "path": str(tmp_path / "ood_near")},
                 {"name": "far_set", "group": "far", "path": str(tmp_path / "ood_far")}]
     args = [

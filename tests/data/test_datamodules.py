@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
 import lightning_ood.data.base as data_base
 from lightning_ood.data import (
@@ -11,6 +10,7 @@ from lightning_ood.data import (
     class_balanced_subset, known_ood_sets,
 )
 from lightning_ood.data.digits import load_digit_images, photo_patches
+from tests.helpers import write_random_images
 
 
 # ----------------------------------------------------------------------------- digits
@@ -186,23 +186,15 @@ def test_fit_dataloader_covers_the_subset_exactly_once(digits, monkeypatch):
 
 
 # ------------------------------------------------------------------------ image folders
-def _write_pngs(folder, n, seed):
-    os.makedirs(folder, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        pixels = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=generator).numpy()
-        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
-
-
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
     for c, cls in enumerate(("cat", "dog", "eel")):
-        _write_pngs(root / "train" / cls, 4, seed=c)
-        _write_pngs(root / "test" / cls, 2, seed=10 + c)
-    _write_pngs(root / "ood" / "nested", 3, seed=20)  # OOD images may sit in sub-folders
-    _write_pngs(root / "test_other" / "cat", 1, seed=30)
-    _write_pngs(root / "test_other" / "fox", 1, seed=31)
+        write_random_images(root / "train" / cls, 4, seed=c)
+        write_random_images(root / "test" / cls, 2, seed=10 + c)
+    write_random_images(root / "ood" / "nested", 3, seed=20)  # OOD images may sit in sub-folders
+    write_random_images(root / "test_other" / "cat", 1, seed=30)
+    write_random_images(root / "test_other" / "fox", 1, seed=31)
     os.makedirs(root / "empty_ood" / "sub")
     (root / "empty_ood" / "notes.txt").write_text("no images here")
     return root
