@@ -407,13 +407,17 @@ def _leave_out_regenerable(classifier: OODClassifier, name: str, state: dict[str
     if not isinstance(detector, WeiPer) or detector.perturbed_weight is None:
         return {}
     head = classifier.head
-    weight, bias = draw_perturbed_head(head.weight, head.bias, detector.n_repeats, detector.delta, detector.seed)
-    stored = {"perturbed_weight": detector.perturbed_weight, "perturbed_bias": detector.perturbed_bias}
-    if not (torch.equal(weight, stored["perturbed_weight"].cpu()) and torch.equal(bias, stored["perturbed_bias"].cpu())):
-        return {}  # drawn from another weight (or changed since): keep the tensors themselves
-    for buffer in stored:
+    drawn = dict(zip(("perturbed_weight", "perturbed_bias"),
+                     draw_perturbed_head(head.weight, head.bias, detector.n_repeats, detector.delta, detector.seed)))
+    digests = {buffer: _sha256(tensor) for buffer, tensor in drawn.items()}
+    for buffer, digest in digests.items():
+        stored = state[f"detectors.{name}.{buffer}"]  # already on the CPU
+        # bit for bit, dtype included (torch.equal would let a float64 copy pass)
+        if stored.dtype != torch.float32 or _sha256(stored) != digest:
+            return {}  # drawn from another weight, changed since or cast: keep the tensors themselves
+    for buffer in digests:
         del state[f"detectors.{name}.{buffer}"]
-    return {buffer: _sha256(tensor) for buffer, tensor in stored.items()}
+    return digests
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -666,19 +670,27 @@ def _check_regenerated(path: str, checkpoint: dict[str, Any], name: str, detecto
                        digests: Mapping[str, str], state: dict[str, Tensor]) -> None:
     """Compare the buffers ``attach`` re-drew with the digests recorded at save time and
     put them into ``state`` (so the strict load that follows sees every buffer)."""
+    if not isinstance(digests, Mapping) or not all(isinstance(v, str) for v in digests.values()):
+        raise CheckpointError(f"{path}: detector {name!r}: damaged 'regenerated' entry {digests!r:.120}")
     for buffer, digest in digests.items():
         key = f"detectors.{name}.{buffer}"
         tensor = getattr(detector, buffer, None)
         if key in state or not isinstance(tensor, Tensor):
             raise CheckpointError(f"{path}: detector {name!r}: damaged 'regenerated' entry for {buffer!r}")
-        if _sha256(tensor) != digest:
-            raise CheckpointError(
-                f"{path}: detector {name!r}: {buffer} re-drawn from the saved head and seed differs from the one "
-                f"the file was written with (torch {checkpoint.get('torch_version', '?')}; this is torch "
-                f"{torch.__version__}, whose random generator may differ). Load the file with that torch version "
-                "and re-save it with save_with_detectors(..., compact=False)."
-            )
-        state[key] = tensor
+        if _sha256(tensor) == digest:
+            state[key] = tensor
+            continue
+        written_with = checkpoint.get("torch_version", "?")
+        if written_with == str(torch.__version__):
+            raise CheckpointError(f"{path}: detector {name!r}: {buffer} re-drawn from the saved head and seed does "
+                                  "not match its recorded digest, under the torch version that wrote the file: the "
+                                  "file was edited or damaged")
+        raise CheckpointError(
+            f"{path}: detector {name!r}: {buffer} re-drawn from the saved head and seed differs from the one "
+            f"the file was written with (torch {written_with}; this is torch {torch.__version__}, whose random "
+            "generator may differ). Load the file with that torch version and re-save it with "
+            "save_with_detectors(..., compact=False)."
+        )
 
 
 def _fill_unallocated(detector: Detector, state: dict[str, Tensor], prefix: str) -> None:
@@ -687,7 +699,10 @@ def _fill_unallocated(detector: Detector, state: dict[str, Tensor], prefix: str)
     instead of re-drawing them."""
     for name, buffer in list(detector._buffers.items()):
         if buffer is None and prefix + name in state:
-            detector._buffers[name] = state[prefix + name].clone()
+            value = state[prefix + name].clone()
+            # load builds a float32 model: its detectors keep float32 statistics whatever the
+            # precision of the model the file came from
+            detector._buffers[name] = value.float() if value.is_floating_point() else value
 
 
 def _config_summary(hparams: Mapping[str, Any]) -> str:
@@ -994,7 +1009,8 @@ def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: T
             with _quiet_failures():
                 export(_ScoreProbe(scores[name], model.classifier.head),
                        (outputs.logits, outputs.features, outputs.block_norms),
-                       dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False)
+                       dynamic_shapes=({0: batch}, {0: batch}, None if outputs.block_norms is None else {0: batch}),
+                       strict=False)
             return True
         except Exception as err:
             not_exported[name] = f"does not trace with torch.export ({_first_line(err)})"
@@ -1017,7 +1033,9 @@ def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: T
     try:
         return run(selected), selected
     except Exception as err:
-        raise RuntimeError(f"export failed even without the detectors {sorted(not_exported)}: {_first_line(err)}") from err
+        if not_exported:
+            raise RuntimeError(f"export failed even without the detectors {sorted(not_exported)}: {_first_line(err)}") from err
+        raise RuntimeError(f"the network itself does not export (every detector does on its own): {_first_line(err)}") from err
 
 
 @contextlib.contextmanager

@@ -329,6 +329,9 @@ def test_a_redrawn_perturbed_head_that_differs_is_a_clear_error(tmp_path, monkey
     from lightning_ood.detectors import weiper as weiper_module
 
     _, path = _weiper_file(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    raw["torch_version"] = "2.0.0"  # written by another torch
+    torch.save(raw, tmp_path / "older_torch.ckpt")
     real_draw = weiper_module.draw_perturbed_head
 
     def drifted(*args, **kwargs):
@@ -336,8 +339,38 @@ def test_a_redrawn_perturbed_head_that_differs_is_a_clear_error(tmp_path, monkey
         return torch.nextafter(weight, torch.full_like(weight, float("inf"))), bias
 
     monkeypatch.setattr(weiper_module, "draw_perturbed_head", drifted)
-    with pytest.raises(CheckpointError, match=r"weiper.*perturbed_weight re-drawn .* differs.*torch .*compact=False"):
-        load(path)
+    with pytest.raises(CheckpointError, match=r"weiper.*perturbed_weight re-drawn .* differs.*torch 2\.0\.0; "
+                                              r"this is torch .*compact=False"):
+        load(tmp_path / "older_torch.ckpt")
+    with pytest.raises(CheckpointError, match=r"does not match its recorded digest.*edited or damaged"):
+        load(path)  # same torch version: the file, not the generator, is to blame
+
+
+@pytest.mark.parametrize("damage", ["list", "digest_and_tensor"])
+def test_damaged_regenerated_entries_are_clear_errors(tmp_path, damage):
+    model, path = _weiper_file(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    entry = next(d for d in raw["detectors"] if d["name"] == "weiper")
+    if damage == "list":
+        entry["regenerated"] = ["perturbed_weight"]
+    else:  # the tensor is in the file although the entry says it was left out
+        raw["state_dict"]["detectors.weiper.perturbed_weight"] = model.detectors["weiper"].perturbed_weight
+    torch.save(raw, tmp_path / "damaged.ckpt")
+    with pytest.raises(CheckpointError, match="weiper.*damaged 'regenerated' entry"):
+        load(tmp_path / "damaged.ckpt")
+
+
+def test_a_perturbed_head_of_another_dtype_is_stored_not_left_out(tmp_path):
+    model = _fitted_classifier("ce", ["weiper"]).double()  # W~ cast after it was drawn
+    path = save_with_detectors(model, tmp_path / "m.ckpt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["state_dict"]["detectors.weiper.perturbed_weight"].dtype == torch.float64
+    assert next(d for d in raw["detectors"] if d["name"] == "weiper")["regenerated"] == {}
+    loaded = load(path)  # a float32 model, the stored W~ cast to it
+    assert loaded.detectors["weiper"].perturbed_weight.dtype == torch.float32
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(x)["scores"]["weiper"]).all()
 
 
 def test_format_version_1_files_still_load(tmp_path):

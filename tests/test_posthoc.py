@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
+from lightning_ood.detectors import Detector
 from lightning_ood.posthoc import PostHocClassifier
 from tests.ddp_eval_script import NUM_CLASSES, SIZES, FlatMLP, RandomOODDataModule, make_callback, trainer_kwargs
 
@@ -160,7 +161,31 @@ def test_network_that_does_not_export_keeps_its_report(tmp_path):
     torch.manual_seed(0)
     model = PostHocClassifier("tests.test_posthoc.BranchOnValues", penultimate="hidden", head="fc")
     callback = make_callback(detectors=["msp", "energy"], output_dir=str(tmp_path), save_checkpoint=True)
-    with pytest.warns(UserWarning, match="model_with_detectors.pt2 not written"):
+    with pytest.warns(UserWarning, match="model_with_detectors.pt2 not written: .*network itself does not export"
+                                         ".*GuardOnDataDependent"):
         pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
     assert callback.checkpoint_path is None and not (tmp_path / "model_with_detectors.pt2").exists()
     assert (tmp_path / "results.json").is_file() and set(callback.results["metrics"]) == {"msp", "energy"}
+
+
+class _LogSumExp(Detector):
+    """A user's own detector (not one of lightning_ood.detectors)."""
+
+    name = "logsumexp"
+
+    def score(self, outputs):
+        return outputs.logits.logsumexp(dim=1)
+
+
+def test_user_detectors_on_a_user_network_are_exported(tmp_path, resnet_weights):
+    from lightning_ood.export import OODModel, export_program
+
+    model = _resnet(resnet_weights).eval()
+    model.detectors["logsumexp"] = _LogSumExp()
+    wrapped = OODModel(model, preprocessing={"image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+    result = export_program(wrapped, tmp_path / "m.pt2", verbose=False)
+    assert result["exported"] == ["logsumexp"] and result["not_exported"] == {}
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.forward_outputs(x).logits.logsumexp(dim=1)
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x)["scores"]["logsumexp"], expected)
