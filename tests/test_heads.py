@@ -88,6 +88,16 @@ def test_isomax_plus_distances_stay_float32_under_bf16_autocast():
     torch.testing.assert_close(logits, head(features.float()), rtol=0, atol=0)
 
 
+def test_isomax_plus_keeps_float64_and_runs_on_the_meta_device():
+    torch.manual_seed(0)
+    head = IsoMaxPlusHead(6, 3).double()
+    features = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert head(features).dtype == torch.float64
+    assert torch.autograd.gradcheck(head, (features,))
+    meta_head = IsoMaxPlusHead(6, 3).to("meta")  # shape inference: no autocast on this device
+    assert meta_head(torch.empty(4, 6, device="meta")).shape == (4, 3)
+
+
 def test_l2_head_train_mode_normalises_and_divides_by_temperature():
     torch.manual_seed(0)
     head = L2NormalizedHead(6, 3, temperature=0.1).train()
