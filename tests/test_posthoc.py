@@ -4,7 +4,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
-from lightning_ood.detectors import Detector
+from lightning_ood.detectors import MSP, Detector
 from lightning_ood.posthoc import PostHocClassifier
 from tests.ddp_eval_script import NUM_CLASSES, SIZES, FlatMLP, RandomOODDataModule, make_callback, trainer_kwargs
 
@@ -189,3 +189,32 @@ def test_user_detectors_on_a_user_network_are_exported(tmp_path, resnet_weights)
     with torch.no_grad():
         expected = model.forward_outputs(x).logits.logsumexp(dim=1)
     torch.testing.assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x)["scores"]["logsumexp"], expected)
+
+
+class _BranchingScore(Detector):
+    """A user detector whose score branches on a tensor value: it does not export."""
+
+    name = "branching"
+
+    def score(self, outputs):
+        return outputs.logits.amax(1) if float(outputs.logits.sum()) > 0 else outputs.logits.amin(1)
+
+
+def test_wandb_artifact_of_a_program_lists_only_the_exported_detectors(tmp_path, resnet_weights, monkeypatch):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    from lightning_ood import export
+
+    model = _resnet(resnet_weights).eval()
+    model.detectors.update({"msp": MSP(), "branching": _BranchingScore()})
+    logged = []
+    monkeypatch.setattr(export, "log_artifact", lambda run, path, metadata: logged.append((path, metadata)))
+    datamodule = RandomOODDataModule()
+    datamodule.setup("test")
+    trainer = SimpleNamespace(datamodule=datamodule, loggers=[WandbLogger(save_dir=str(tmp_path))])  # W&B disabled
+    path = export.save_after_evaluation(trainer, model, str(tmp_path), {"msp": 0.5, "branching": 0.1})
+    assert path == str(tmp_path / "model_with_detectors.pt2")
+    (logged_path, metadata), = logged
+    assert logged_path == path and metadata["detectors"] == ["msp"] and metadata["thresholds"] == {"msp": 0.5}
