@@ -9,11 +9,12 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
 from lightning_ood.data.base import IndexedDataset, OODSet
+from lightning_ood.data.torchvision_sets import TORCHVISION_SETS
 
 if TYPE_CHECKING:
     from lightning_ood.data.base import OODDataModule
 
-TORCHVISION_OOD = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "textures", "places365")
+TORCHVISION_OOD = tuple(TORCHVISION_SETS)
 DIGITS_OOD = ("digits_heldout", "photo_patches")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 

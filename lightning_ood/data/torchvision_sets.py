@@ -19,29 +19,33 @@ def _labels_of(dataset: Dataset) -> Tensor:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
+def _split(train: bool) -> str:
+    return "train" if train else "test"
+
+
+#: Our name -> the torchvision dataset, opened from ``(root, train, download)``.
+TORCHVISION_SETS: dict[str, Callable[[str, bool, bool], Dataset]] = {
+    "cifar10": lambda root, train, download: datasets.CIFAR10(root, train=train, download=download),
+    "cifar100": lambda root, train, download: datasets.CIFAR100(root, train=train, download=download),
+    "svhn": lambda root, train, download: datasets.SVHN(root, split=_split(train), download=download),
+    "mnist": lambda root, train, download: datasets.MNIST(root, train=train, download=download),
+    "fashion_mnist": lambda root, train, download: datasets.FashionMNIST(root, train=train, download=download),
+    "textures": lambda root, train, download: datasets.DTD(root, split=_split(train), download=download),
+    "places365": lambda root, train, download: datasets.Places365(root, split="val", small=True, download=download),
+}
+
+
 def open_torchvision(name: str, root: str, train: bool, download: bool) -> Dataset:
     """A torchvision dataset by our name, with a clear error when it is not on disk."""
+    if name not in TORCHVISION_SETS:
+        raise ValueError(f"unknown torchvision dataset {name!r}")
     try:
-        if name == "cifar10":
-            return datasets.CIFAR10(root, train=train, download=download)
-        if name == "cifar100":
-            return datasets.CIFAR100(root, train=train, download=download)
-        if name == "svhn":
-            return datasets.SVHN(root, split="train" if train else "test", download=download)
-        if name == "mnist":
-            return datasets.MNIST(root, train=train, download=download)
-        if name == "fashion_mnist":
-            return datasets.FashionMNIST(root, train=train, download=download)
-        if name == "textures":
-            return datasets.DTD(root, split="train" if train else "test", download=download)
-        if name == "places365":
-            return datasets.Places365(root, split="val", small=True, download=download)
+        return TORCHVISION_SETS[name](root, train, download)
     except RuntimeError as err:
         raise FileNotFoundError(
             f"dataset {name!r} not found under {os.path.abspath(root)} ({err}); "
             "pass --data.download true to fetch it, or --data.root to point at your copy"
         ) from err
-    raise ValueError(f"unknown torchvision dataset {name!r}")
 
 
 class _TorchvisionDataModule(OODDataModule):
@@ -70,10 +74,8 @@ class _TorchvisionDataModule(OODDataModule):
         if self.download:
             open_torchvision(self.name, self.root, True, True)
             open_torchvision(self.name, self.root, False, True)
-            from lightning_ood.data.ood import TORCHVISION_OOD
-
             for spec in self.ood_sets:
-                if spec.path is None and spec.name in TORCHVISION_OOD:
+                if spec.path is None and spec.name in TORCHVISION_SETS:
                     open_torchvision(spec.name, self.root, False, True)
 
     def test_transform(self) -> Callable:
