@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.module import OODClassifier
+from lightning_ood.io import atomic_write_text
 from lightning_ood.runs import run_directory
 
 
@@ -39,15 +40,19 @@ class SaveConfigToRun(SaveConfigCallback):
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # run_directory() is a collective: every rank resolves it here, because Lightning
+        # calls save_config() on rank 0 only (a broadcast there waits forever for the others)
+        self._run_dir = run_directory(trainer)
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Rank 0 only (Lightning's contract): files and W&B, nothing that syncs."""
         text = self.parser.dump(self.config, skip_none=False)
-        out_dir = run_directory(trainer)
-        if trainer.is_global_zero:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-                f.write(text)
+        out_dir = self._run_dir
+        atomic_write_text(os.path.join(out_dir, "config.yaml"), text)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"cli": yaml.safe_load(text)}, allow_val_change=True)
                 logger.experiment.save(os.path.join(out_dir, "config.yaml"), base_path=out_dir, policy="now")
 

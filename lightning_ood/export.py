@@ -51,7 +51,6 @@ import numbers
 import os
 import pickle
 import sys
-import uuid
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 
 import lightning_ood.detectors as _detectors
 from lightning_ood import __version__
+from lightning_ood.io import atomic_write
 from lightning_ood.detectors import ASH, Detector, FeatureNorm, ForwardOutputs, WeiPer
 from lightning_ood.detectors import functional as F_det
 from lightning_ood.detectors.weiper import bin_scale, draw_perturbed_head, perturbed_msp_sum, symmetric_kl
@@ -351,7 +351,7 @@ def save_with_detectors(
         "thresholds": _check_thresholds(thresholds, list(classifier.detectors)),
     }
     path = os.fspath(path)
-    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
     return path
 
 
@@ -472,34 +472,6 @@ def _check_preprocessing(spec: Optional[Mapping[str, Any]]) -> Optional[dict[str
         if not isinstance(spec.get(key), list) or not spec[key]:
             raise CheckpointError(f"preprocessing[{key!r}] must be a list of per-channel floats; got {spec.get(key)!r}")
     return spec
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        except OSError:  # some file systems refuse to fsync directories
-            pass
-        finally:
-            os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------- loading
@@ -975,7 +947,7 @@ def export_program(
             "preprocessing": model.preprocessing,
         }
         out_path = os.fspath(out_path)
-        _atomic_write(out_path, lambda f: torch.export.save(
+        atomic_write(out_path, lambda f: torch.export.save(
             program, f, extra_files={PROGRAM_METADATA: json.dumps(metadata)}))
     finally:
         for module, training in modes:  # restore every submodule's own mode

@@ -37,8 +37,10 @@ from torchmetrics.utilities import dim_zero_cat
 
 FPR95_POSITIVE_CLASSES = ("ood", "id")
 
-# Exact curves over every distinct score, and no sigmoid on scores outside [0, 1].
-_EXACT = {"thresholds": None, "normalization": None}
+# Exact curves over every distinct score, no sigmoid on scores outside [0, 1], and no
+# cross-process sync: these metrics see already-gathered scores, and rank-0-only code (the
+# plots) calls them, so a sync here would wait forever for the other ranks.
+_EXACT = {"thresholds": None, "normalization": None, "sync_on_compute": False}
 
 
 def ood_metrics(
@@ -95,7 +97,8 @@ def roc_curve_ood(id_scores: Tensor, ood_scores: Tensor) -> tuple[Tensor, Tensor
 class OODMetrics(Metric):
     """Stateful :func:`ood_metrics`: accumulate scores batch by batch, compute once.
 
-    States are concatenated across processes (``dist_reduce_fx="cat"``). Samples that a
+    ``compute()`` is a collective (by torchmetrics' default ``sync_on_compute=True``): call
+    it on every rank, or pass ``sync_on_compute=False``. States are concatenated across processes (``dist_reduce_fx="cat"``). Samples that a
     distributed sampler pads in (repeated to equal length per rank) are **not** removed:
     deduplicate by sample index before updating when that matters.
 

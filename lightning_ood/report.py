@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any, Sequence
 
 from torch import Tensor
 
+from lightning_ood.io import atomic_write_text
 from lightning_ood.metrics import ood_metrics
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -100,17 +102,19 @@ def summary_text(results: dict[str, Any]) -> str:
 def write_report(results: dict[str, Any], per_set: Sequence[dict[str, Tensor]], set_names: Sequence[str],
                  detector_names: Sequence[str], kept: Sequence[int], output_dir: str, plots: bool = True,
                  loggers: Sequence[Any] = ()) -> None:
-    """Print the report and write results.json, results.csv, PNGs; log to W&B if present."""
+    """Print the report and write results.json, results.csv, PNGs; log to W&B if present.
+
+    Rank 0 only: nothing here (or below) may call a collective."""
     os.makedirs(output_dir, exist_ok=True)
     print("\n" + summary_text(results) + "\n")
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2))
     rows = [[det, s, *(values.get(m, "") for m in METRICS)]
             for det, sets in results["metrics"].items() for s, values in sets.items()]
-    with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["detector", "ood_set", *METRICS])
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["detector", "ood_set", *METRICS])
+    writer.writerows(rows)
+    atomic_write_text(os.path.join(output_dir, "results.csv"), table.getvalue())
     images = plot_scores(per_set, set_names, detector_names, kept, output_dir) if plots else {}
     print(f"results written to {os.path.abspath(output_dir)}")
     from pytorch_lightning.loggers import WandbLogger
