@@ -90,6 +90,35 @@ class RandomOODDataModule(OODDataModule):
         return IndexedDataset(TensorDataset(images, torch.zeros(n, dtype=torch.long)), ood=True)
 
 
+class PaddedRandomOODDataModule(RandomOODDataModule):
+    """:class:`RandomOODDataModule` with plain evaluation loaders, so under several processes
+    Lightning injects its default (padded) ``DistributedSampler``: with odd set sizes, some
+    samples reach the callback twice and its de-duplication has real work to do."""
+
+    def _eval_loader(self, dataset):
+        return self._loader(dataset)
+
+
+class SampleCounter(pl.Callback):
+    """Writes ``samples_rank<r>.json`` into ``folder``: the number of test samples each
+    dataloader delivered to this rank (duplicates included)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.counts: dict[int, int] = {}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.counts[dataloader_idx] = self.counts.get(dataloader_idx, 0) + len(batch[0])
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        with open(os.path.join(self.folder, f"samples_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump([self.counts.get(i, 0) for i in range(len(self.counts))], f)
+
+
 class FlatMLP(torch.nn.Module):
     """A user's own classifier whose penultimate features are a plain Linear output (no
     ReLU, so they can be negative): ``flatten -> hidden (Linear) -> fc (Linear)``."""

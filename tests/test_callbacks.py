@@ -10,7 +10,8 @@ import torch
 from lightning_ood.callbacks import OODEvaluation
 from lightning_ood.data.base import OODSet
 from lightning_ood.detectors import DETECTOR_NAMES
-from tests.ddp_eval_script import DETECTORS, SIZES, RandomOODDataModule, make_model, run_evaluation
+from tests.ddp_eval_script import (DETECTORS, SIZES, PaddedRandomOODDataModule, RandomOODDataModule, SampleCounter,
+                                   make_model, run_evaluation)
 
 BATCH = 4  # RandomOODDataModule's default batch size
 
@@ -74,8 +75,7 @@ def two_processes(tmp_path_factory, weights):
 def test_two_processes_give_the_results_of_one(one_process, two_processes):
     one, two = one_process["results"], two_processes["results"]
     assert (one["devices"], two["devices"]) == (1, 2)
-    # every set has an odd size, so the 2-rank sampler padded each one; the padded
-    # duplicates must be gone
+    # every sample counted once (the padded sampler's duplicates: test below)
     for results in (one, two):
         assert results["id"]["n"] == SIZES["test"] == 23
         assert {s: v["n"] for s, v in results["ood"].items()} == {"near_noise": 17, "far_blobs": 11}
@@ -100,6 +100,29 @@ def test_two_processes_give_the_results_of_one(one_process, two_processes):
     # the run is not degenerate: detectors disagree, so equal numbers are not a coincidence
     aurocs = {d: one["metrics"][d]["near_noise"]["auroc"] for d in one["metrics"]}
     assert len({round(a, 6) for a in aurocs.values()}) > 2, aurocs
+
+
+@pytest.mark.timeout(300)
+def test_padded_sampler_duplicates_are_dropped_end_to_end(tmp_path, one_process, weights):
+    """Lightning's default DistributedSampler pads every odd-sized set with repeated samples;
+    the gathered results must still equal one process exactly."""
+    trainer, _ = run_evaluation(str(tmp_path), devices=2, strategy="ddp_spawn", weights=weights,
+                                datamodule=PaddedRandomOODDataModule(), callbacks=[SampleCounter(str(tmp_path))])
+    seen = [_read(tmp_path / f"samples_rank{r}.json") for r in (0, 1)]
+    # 2 ranks x ceil(n / 2): one duplicate per set really reached the callback
+    assert [a + b for a, b in zip(*seen)] == [24, 18, 12]
+    one, two = one_process["results"], _read(tmp_path / "results.json")
+    assert two["id"]["n"] == 23 and {s: v["n"] for s, v in two["ood"].items()} == {"near_noise": 17, "far_blobs": 11}
+    for detector, sets in one["metrics"].items():
+        for set_name, values in sets.items():
+            assert two["metrics"][detector][set_name] == pytest.approx(values, abs=1e-6), (detector, set_name)
+    assert two["id"]["accuracy"] == pytest.approx(one["id"]["accuracy"], abs=1e-6)
+    assert two["id"]["accuracy_by_detector"] == pytest.approx(one["id"]["accuracy_by_detector"], abs=1e-6)
+    assert two["thresholds"] == pytest.approx(one["thresholds"], abs=1e-6)
+    for detector, info in one["detectors"].items():
+        assert {k: v for k, v in two["detectors"][detector].items() if k != "ratios"} == \
+            {k: v for k, v in info.items() if k != "ratios"}, detector
+        assert two["detectors"][detector].get("ratios") == pytest.approx(info.get("ratios"), rel=1e-6), detector
 
 
 def test_logged_test_accuracy_ignores_ddp_padding(one_process, two_processes):
