@@ -7,6 +7,7 @@ metrics per detector x OOD set -> table / JSON / CSV / W&B / plots.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -18,12 +19,13 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm.auto import tqdm
 
 from lightning_ood import distributed
+from lightning_ood.checks import check_number
 from lightning_ood.data.base import OODDataModule, OODSet
 from lightning_ood.detectors import DETECTOR_NAMES, Detector, FitData, ForwardOutputs, build_detector, detector_name
 from lightning_ood.detectors.functional import jigsaw
 from lightning_ood.report import build_results, write_report
 from lightning_ood.runs import run_directory
-from lightning_ood.tuning import ASH_PERCENTILES, TUNING_MODES, TuningData, concat_outputs, is_tunable, tune_detectors
+from lightning_ood.tuning import ASH_PERCENTILES, TUNING_MODES, WEIPER_GRID, TuningData, concat_outputs, is_tunable, tune_detectors
 
 #: Detectors attached when none are configured (the loss's native score is added).
 DEFAULT_DETECTORS = ("msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper", "featurenorm")
@@ -102,6 +104,21 @@ class OODEvaluation(pl.Callback):
                 build_detector(d)  # fail fast on unknown names, listing the valid ones
             elif not isinstance(d, Detector):
                 raise TypeError(f"detectors must be names ({', '.join(DETECTOR_NAMES)}) or Detector instances, got {d!r}")
+        if detectors is not None and not detectors:
+            rank_zero_warn("OODEvaluation(detectors=[]): no detector is attached, the report holds only the ID "
+                           "accuracy; omit `detectors` for the default list")
+        check_number("fit_samples", fit_samples, 1, integer=True, optional=True)
+        check_number("tune_samples", tune_samples, 1, integer=True, optional=True)
+        check_number("jigsaw_seed", jigsaw_seed, 0, integer=True)
+        for percentile in ash_percentiles:
+            # (0, 1] is almost always a fraction meant as a percentage (0.9 for 90)
+            check_number("each of ash_percentiles (a 0-100 scale: 90 means 90 %)", percentile, 1, 100,
+                         low_open=True, high_open=True)
+        for key, values in (weiper_grid or {}).items():
+            if key not in WEIPER_GRID:
+                raise ValueError(f"unknown weiper_grid key {key!r}; valid keys: {', '.join(WEIPER_GRID)}")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"weiper_grid[{key!r}] must be a non-empty list of values, got {values!r}")
         self.detector_specs = list(detectors) if detectors is not None else None
         self.fit_samples = fit_samples
         self.jigsaw_seed = jigsaw_seed
@@ -159,10 +176,12 @@ class OODEvaluation(pl.Callback):
                 specs.append(native)
         family = dataset_family(datamodule)
         head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
-        self.skipped, self._to_attach = {}, {}
+        self.skipped, self._to_attach, self._configured = {}, {}, set()
         for spec in specs:
             detector = build_detector(spec, family) if isinstance(spec, str) else spec
             name = detector_name(detector)
+            if not isinstance(spec, str):
+                self._configured.add(name)  # its hyper-parameters are the user's, not the paper's
             if name in self._to_attach or name in self.skipped:
                 raise ValueError(f"detector {name!r} is configured twice")
             reason = detector.skip_reason(head, num_blocks)
@@ -177,6 +196,8 @@ class OODEvaluation(pl.Callback):
         self._datamodule = datamodule
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
+        self.timing: dict[str, float] = {}
         # Attached here, after Lightning restored any ckpt_path (detectors are not in a
         # training checkpoint), outside inference mode so their buffers stay writable.
         with torch.inference_mode(False):
@@ -196,6 +217,8 @@ class OODEvaluation(pl.Callback):
             with torch.inference_mode(False):
                 for detector in to_fit:
                     detector.fit(fit_data)
+        fitted = time.perf_counter()
+        self.timing["fit_s"] = fitted - started
         self.tuning = {}
         tunable = [d for d in pl_module.detectors.values() if is_tunable(d)]
         if self.tune != "defaults" and tunable:
@@ -207,7 +230,10 @@ class OODEvaluation(pl.Callback):
                 with torch.inference_mode(False):
                     self.tuning = tune_detectors(tunable, data, fit_data, self.ash_percentiles, self.weiper_grid)
         elif tunable:
-            self.tuning = {detector_name(d): {"mode": "defaults"} for d in tunable}
+            self.tuning = {detector_name(d): {"mode": "defaults", "values": "configured" if detector_name(d)
+                           in self._configured else "published"} for d in tunable}
+        self._test_started = time.perf_counter()
+        self.timing["tuning_s"] = self._test_started - fitted
 
     def _forward_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, desc: str,
                      jigsaw_too: bool = False) -> tuple[ForwardOutputs, Optional[ForwardOutputs]]:
@@ -331,6 +357,8 @@ class OODEvaluation(pl.Callback):
             devices=trainer.world_size,
         )
         self.results["tuning"] = self.tuning
+        self.timing["test_s"] = time.perf_counter() - self._test_started
+        self.results["timing"] = {key: round(value, 3) for key, value in self.timing.items()}
         self.results["thresholds"] = {
             names[i]: id_threshold(per_set[0]["scores"][:, i], self.keep_id_fraction) for i in keep
         }

@@ -9,11 +9,12 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_ood.data.base import OODDataModule
 from lightning_ood.module import OODClassifier
 from lightning_ood.io import atomic_write_text
-from lightning_ood.runs import run_directory
+from lightning_ood.runs import fix_run_directory_before_spawning, run_directory
 
 
 def instantiate_with_clear_errors(instantiate: Callable[[], None]) -> None:
@@ -79,6 +80,9 @@ class OODCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_sync_batchnorm(self.trainer)
+        if self.trainer.max_epochs == 0:
+            rank_zero_warn("trainer.max_epochs is 0: nothing is trained, the report evaluates the initial weights")
+        fix_run_directory_before_spawning(self.trainer)
 
     def after_fit(self) -> None:
         from lightning_ood.callbacks import OODEvaluation
@@ -101,12 +105,15 @@ class EvaluateCLI(LightningCLI):
     def __init__(self, args: Optional[list[str]] = None) -> None:
         super().__init__(
             pl.LightningModule, OODDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_callback=None, run=False, args=args,
+            save_config_callback=SaveConfigToRun, run=False, args=args,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="training checkpoint (.ckpt) of an OODClassifier to evaluate")
+        parser.add_argument("--random_weights", type=bool, default=False,
+                            help="evaluate a model that loads no weights (no --ckpt_path, pretrained or weights) "
+                                 "on purpose, e.g. as a baseline")
         parser.set_defaults({"model": {"class_path": "lightning_ood.module.OODClassifier"}})
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
@@ -119,8 +126,11 @@ class EvaluateCLI(LightningCLI):
         ckpt_path = self.config.get("ckpt_path")
         if ckpt_path:
             check_checkpoint_fits(ckpt_path, self.model)
+        elif not self.config.get("random_weights"):
+            check_brings_weights(self.model)
         if not any(isinstance(cb, OODEvaluation) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(OODEvaluation())
+        fix_run_directory_before_spawning(self.trainer)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
 
 
@@ -133,6 +143,24 @@ def check_sync_batchnorm(trainer: pl.Trainer) -> None:
     if getattr(trainer.strategy, "_layer_sync", None) is not None and isinstance(trainer.accelerator, CPUAccelerator):
         raise ValueError("trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm has no CPU implementation): "
                          "drop --trainer.sync_batchnorm or train with --trainer.accelerator gpu")
+
+
+def check_brings_weights(model: pl.LightningModule) -> None:
+    """Refuse to evaluate (and export as deployable) randomly initialised weights: an
+    :class:`OODClassifier` needs ``--ckpt_path`` or ``pretrained``, a ``PostHocClassifier``
+    its ``weights`` file (or weights named in ``init_args``, e.g. torchvision's ``weights``)."""
+    from lightning_ood.posthoc import PostHocClassifier
+
+    hparams = getattr(model, "hparams", {})
+    if isinstance(model, OODClassifier) and not hparams.get("pretrained"):
+        raise ValueError("no weights to evaluate: pass --ckpt_path <training checkpoint> (or "
+                         "--model.init_args.pretrained <torchvision state_dict file>); "
+                         "--random_weights true evaluates the random initialisation on purpose")
+    if isinstance(model, PostHocClassifier) and not hparams.get("weights") and not any(
+            key in (hparams.get("init_args") or {}) for key in ("weights", "pretrained")):
+        raise ValueError("no weights to evaluate: give the network's state_dict file with "
+                         "--model.init_args.weights <file> (or weights/pretrained in its init_args); "
+                         "--random_weights true evaluates the random initialisation on purpose")
 
 
 def check_checkpoint_fits(path: str, model: pl.LightningModule) -> None:

@@ -9,6 +9,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ood.checks import check_number
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.functional import feature_norm
 from lightning_ood.heads import build_head
@@ -16,6 +17,7 @@ from lightning_ood.losses import build_loss, isomax_plus_loss
 from lightning_ood.models import build_backbone, split_torchvision_state_dict
 
 Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, sample indices
+
 
 
 class OODClassifier(pl.LightningModule):
@@ -68,6 +70,15 @@ class OODClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if scheduler not in ("cosine", "multistep", "none"):
             raise ValueError(f"unknown scheduler {scheduler!r}; valid choices: cosine, multistep, none")
+        check_number("width", width, 1, integer=True)
+        check_number("entropic_scale", entropic_scale, 0, low_open=True)
+        check_number("l2_temperature", l2_temperature, 0, low_open=True)
+        check_number("lr", lr, 0)
+        check_number("momentum", momentum, 0, 1)
+        check_number("weight_decay", weight_decay, 0)
+        check_number("gamma", gamma, 0, low_open=True)
+        if lr == 0:
+            rank_zero_warn("lr is 0: the weights will not change during training")
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, cifar_stem, width)
         self.head = build_head(loss, self.backbone.num_features, num_classes, l2_temperature)
@@ -157,10 +168,24 @@ class OODClassifier(pl.LightningModule):
             loss = isomax_plus_loss(logits, labels, self.hparams["entropic_scale"])
         else:
             loss = self.criterion(logits, labels)
+        self._stop_if_diverged(loss)
         self.train_accuracy(logits, labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
+
+    def _stop_if_diverged(self, loss: Tensor) -> None:
+        """Stop at the first non-finite training loss, on every rank at once (the decision is
+        reduced across ranks, so no rank is left waiting in the next gradient all-reduce)."""
+        diverged = not bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None:
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            raise FloatingPointError(
+                f"training diverged: the loss is not finite at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr={self.hparams['lr']:g}). Lower the learning rate (e.g. --model.lr {self.hparams['lr'] / 10:g}) "
+                "or clip gradients (--trainer.gradient_clip_val 5)"
+            )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, labels, _ = batch

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from lightning_ood.io import atomic_write_text
@@ -92,10 +93,16 @@ def summary_text(results: dict[str, Any]) -> str:
             chosen = ", ".join(f"{k}={v}" for k, v in entry["parameters"].items())
             default = ", ".join(f"{k}={v}" for k, v in entry["default"].items())
             lines.append(f"tuned {name} on {entry['split']}: {chosen} (published default: {default})")
+        elif entry.get("values") == "configured":
+            lines.append(f"{name}: as configured (tune=defaults)")
         else:
             lines.append(f"{name}: published defaults ({entry.get('note', 'tune=defaults')})")
     for name, reason in results["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
+    timing = results.get("timing")
+    if timing:
+        lines.append(f"wall time: detector fitting {timing['fit_s']:.1f} s, tuning {timing['tuning_s']:.1f} s, "
+                     f"test pass and report data {timing['test_s']:.1f} s")
     return "\n".join(lines)
 
 
@@ -132,32 +139,66 @@ def plot_scores(per_set: Sequence[dict[str, Tensor]], set_names: Sequence[str], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_ood.metrics import roc_curve_ood
-
     paths = {}
     plot_dir = os.path.join(output_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     for i in kept:
         name = detector_names[i]
-        fig, (ax_hist, ax_roc) = plt.subplots(1, 2, figsize=(10, 4))
-        id_scores = per_set[0]["scores"][:, i]
-        ax_hist.hist(id_scores.numpy(), bins=50, alpha=0.5, density=True, label=f"{set_names[0]} (ID)")
-        for set_name, data in zip(set_names[1:], per_set[1:]):
-            ood_scores = data["scores"][:, i]
-            ax_hist.hist(ood_scores.numpy(), bins=50, alpha=0.5, density=True, label=set_name)
-            fpr, tpr = roc_curve_ood(id_scores, ood_scores)
-            ax_roc.plot(fpr.numpy(), tpr.numpy(), label=set_name)
-        ax_hist.set(title=f"{name}: scores (higher = ID)", xlabel="score", ylabel="density")
-        ax_roc.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-        ax_roc.set(title=f"{name}: ROC (OOD positive)", xlabel="FPR (ID flagged OOD)", ylabel="TPR (OOD detected)")
-        ax_hist.legend(fontsize=8)
-        ax_roc.legend(fontsize=8)
-        fig.tight_layout()
+        fig = score_figure(name, [data["scores"][:, i] for data in per_set], set_names)
         path = os.path.join(plot_dir, f"{name}.png")
         fig.savefig(path, dpi=80)
         plt.close(fig)
         paths[name] = path
     return paths
+
+
+def score_figure(name: str, scores: Sequence[Tensor], set_names: Sequence[str]) -> Any:
+    """One detector's figure: histograms (left) and ROC curves with OOD positive (right);
+    ``scores[0]`` is the ID set. Each set keeps one colour in both panels."""
+    import matplotlib.pyplot as plt
+
+    from lightning_ood.metrics import roc_curve_ood
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_hist, ax_roc) = plt.subplots(1, 2, figsize=(10, 4))
+    positions, xlabel = histogram_axis(scores)
+    edges = torch.linspace(float(torch.cat(positions).min()), float(torch.cat(positions).max()) + 1e-12, 51)
+    for k, (set_name, values) in enumerate(zip(set_names, positions)):
+        colour = colours[k % len(colours)]
+        label = f"{set_name} (ID)" if k == 0 else set_name
+        ax_hist.hist(values.numpy(), bins=edges.numpy(), alpha=0.5, density=True, color=colour, label=label)
+        if k > 0:
+            fpr, tpr = roc_curve_ood(scores[0], scores[k])
+            ax_roc.plot(fpr.numpy(), tpr.numpy(), color=colour, label=set_name)
+    ax_hist.set(title=f"{name}: scores (higher = ID)", xlabel=xlabel, ylabel="density")
+    ax_roc.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax_roc.set(title=f"{name}: ROC (OOD positive)", xlabel="FPR (ID flagged OOD)", ylabel="TPR (OOD detected)")
+    ax_hist.legend(fontsize=8)
+    ax_roc.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def histogram_axis(scores: Sequence[Tensor], crowded: float = 0.5) -> tuple[list[Tensor], str]:
+    """Where each score goes on the histogram's x-axis, and the axis label.
+
+    The raw score on a linear axis clipped to the pooled 0.5-99.5 % quantiles, unless one
+    of 50 equal bins would then hold more than ``crowded`` of all samples (a saturated score
+    such as MSP near 1, or a heavy tail): then the pooled rank (the fraction of all plotted
+    samples with a lower score), which spreads any monotone score evenly and keeps the
+    ID/OOD overlap visible."""
+    scores = [s.detach().double().cpu() for s in scores]
+    pooled = torch.cat(scores)
+    low, high = torch.quantile(pooled, torch.tensor([0.005, 0.995], dtype=torch.float64)).tolist()
+    if high > low:
+        clipped = [s.clamp(low, high) for s in scores]
+        counts = torch.histc(torch.cat(clipped), bins=50, min=low, max=high)
+        if float(counts.max()) <= crowded * len(pooled):
+            return clipped, "score (clipped to the 0.5-99.5 % quantiles)"
+    ordered = torch.sort(pooled).values
+    ranks = [(torch.searchsorted(ordered, s, right=False).double() + torch.searchsorted(ordered, s, right=True))
+             / (2 * len(ordered)) for s in scores]
+    return ranks, "score rank (fraction of all samples scoring lower)"
 
 
 def log_to_wandb(run: Any, results: dict[str, Any], rows: list[list[Any]], images: dict[str, str]) -> None:

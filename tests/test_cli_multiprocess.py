@@ -39,10 +39,10 @@ def _leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 
 def assert_same_results(one: dict, many: dict) -> None:
     """Every value of results.json (metrics, thresholds, tuning grids and choices, sample
-    counts, fitted statistics) equal within 1e-6; only ``devices`` differs."""
+    counts, fitted statistics) equal within 1e-6; only ``devices`` and the wall times differ."""
     assert (one["devices"], many["devices"]) == (1, 2)
-    a = dict(_leaves({k: v for k, v in one.items() if k != "devices"}))
-    b = dict(_leaves({k: v for k, v in many.items() if k != "devices"}))
+    a = dict(_leaves({k: v for k, v in one.items() if k not in ("devices", "timing")}))
+    b = dict(_leaves({k: v for k, v in many.items() if k not in ("devices", "timing")}))
     assert set(a) == set(b), set(a) ^ set(b)
     for key, value in a.items():
         if isinstance(value, float) or isinstance(b[key], float):
@@ -66,12 +66,12 @@ def _read(path: str) -> dict:
         return json.load(f)
 
 
-def check_run_files(folder: str, fit: bool) -> dict:
-    """The files of one run, written once: results.json/csv, config.yaml (fit), one plot
+def check_run_files(folder: str) -> dict:
+    """The files of one run, written once: results.json/csv, config.yaml, one plot
     per reported detector, the model file, and exactly one W&B run for the folder."""
     results = _read(os.path.join(folder, "results.json"))
     assert results["id"]["n"] > 0 and results["metrics"]
-    for name in ("results.csv", "model_with_detectors.ckpt") + (("config.yaml",) if fit else ()):
+    for name in ("results.csv", "model_with_detectors.ckpt", "config.yaml"):
         assert os.path.isfile(os.path.join(folder, name)), name
     plots = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "plots", "*.png")))
     assert plots == sorted(f"{d}.png" for d in results["metrics"])
@@ -108,7 +108,7 @@ def test_quickstart_fit_and_evaluate_with_ddp_spawn(tmp_path, monkeypatch):
     main(["fit", "--config", QUICKSTART, *SIZE, *CPU, *spawn])
     wandb.finish()  # a user's next command is a new process; here the run must be closed
     fit_folder = _run_folder(root, set())
-    fit_results = check_run_files(fit_folder, fit=True)
+    fit_results = check_run_files(fit_folder)
     # fit and the test stage that follows it are one W&B run, on 2 ranks
     assert len(_offline_wandb_runs(root)) == 1
     checkpoints = glob.glob(os.path.join(fit_folder, "checkpoints", "*.ckpt"))
@@ -117,12 +117,12 @@ def test_quickstart_fit_and_evaluate_with_ddp_spawn(tmp_path, monkeypatch):
     before = _run_folders(root)
     evaluate_main(["--config", QUICKSTART, "--ckpt_path", checkpoints[0], *CPU, *spawn])
     wandb.finish()
-    spawn_results = check_run_files(_run_folder(root, before), fit=False)
+    spawn_results = check_run_files(_run_folder(root, before))
 
     before = _run_folders(root)
     evaluate_main(["--config", QUICKSTART, "--ckpt_path", checkpoints[0], *CPU])
     wandb.finish()
-    one = check_run_files(_run_folder(root, before), fit=False)
+    one = check_run_files(_run_folder(root, before))
 
     assert len(_offline_wandb_runs(root)) == 3  # fit + 2 evaluations: one run each, not one per rank
     assert_same_results(one, fit_results)
@@ -154,7 +154,7 @@ def test_quickstart_fit_and_evaluate_with_ddp_scripts(tmp_path):
     output = run_script([os.path.join(REPO, "train.py"), "fit", "--config", QUICKSTART, *SIZE, *CPU, *ddp], root)
     assert output.count("results written to") == 1, output[-3000:]  # the report is rank 0's alone
     fit_folder = _run_folder(root, set())
-    fit_results = check_run_files(fit_folder, fit=True)
+    fit_results = check_run_files(fit_folder)
     assert len(_offline_wandb_runs(root)) == 1
     checkpoint = glob.glob(os.path.join(fit_folder, "checkpoints", "*.ckpt"))[0]
 
@@ -162,11 +162,11 @@ def test_quickstart_fit_and_evaluate_with_ddp_scripts(tmp_path):
     output = run_script([os.path.join(REPO, "evaluate.py"), "--config", QUICKSTART, "--ckpt_path", checkpoint,
                          *CPU, *ddp], root)
     assert output.count("results written to") == 1, output[-3000:]
-    ddp_results = check_run_files(_run_folder(root, before), fit=False)
+    ddp_results = check_run_files(_run_folder(root, before))
 
     before = _run_folders(root)
     run_script([os.path.join(REPO, "evaluate.py"), "--config", QUICKSTART, "--ckpt_path", checkpoint, *CPU], root)
-    one = check_run_files(_run_folder(root, before), fit=False)
+    one = check_run_files(_run_folder(root, before))
 
     assert len(_offline_wandb_runs(root)) == 3
     assert_same_results(one, fit_results)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -57,8 +58,14 @@ def test_evaluate_script_on_the_quickstart_config(tmp_path, checkpoint):
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    with open(root / "results" / "results.json") as f:
+    folders = list((root / "results").iterdir())
+    assert len(folders) == 1, folders  # this run's own folder
+    with open(folders[0] / "results.json") as f:
         results = json.load(f)
+    # the resolved config that made the report sits beside it
+    with open(folders[0] / "config.yaml") as f:
+        config = yaml.safe_load(f)
+    assert config["ckpt_path"] == checkpoint and config["model"]["init_args"]["width"] == 8
     accuracy, n_test = _accuracy_of(checkpoint)
     assert results["id"]["dataset"] == "digits" and results["id"]["n"] == n_test
     # the checkpoint's weights were evaluated, not a freshly initialised model
@@ -118,3 +125,30 @@ def test_check_checkpoint_fits_rejects_missing_and_foreign_files(tmp_path):
     torch.save(model.state_dict(), weights_only)
     with pytest.raises(ValueError, match="not a Lightning training checkpoint"):
         check_checkpoint_fits(str(weights_only), model)
+
+
+def test_evaluating_without_weights_is_refused_naming_ckpt_path(tmp_path, monkeypatch):
+    """No --ckpt_path, no pretrained: random weights would be evaluated and exported as deployable."""
+    monkeypatch.setattr(pl.Trainer, "test", lambda *a, **k: pytest.fail("trainer.test ran on random weights"))
+    with pytest.raises(ValueError, match=r"no weights to evaluate: pass --ckpt_path .*--random_weights true"):
+        evaluate_main(["--config", QUICKSTART, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_random_weights_are_evaluated_when_asked_for(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pl.Trainer, "test", lambda self, model, **k: calls.append(k.get("ckpt_path")))
+    evaluate_main(["--config", QUICKSTART, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+                   "--random_weights", "true"])
+    assert calls == [None]
+
+
+def test_posthoc_network_without_weights_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl.Trainer, "test", lambda *a, **k: pytest.fail("trainer.test ran on random weights"))
+    model = tmp_path / "model.yaml"
+    model.write_text("class_path: lightning_ood.posthoc.PostHocClassifier\n"
+                     "init_args: {class_path: torchvision.models.resnet18, init_args: {num_classes: 6}, head: fc}\n")
+    with pytest.raises(ValueError, match=r"no weights to evaluate: give the network's state_dict file"):
+        evaluate_main(["--config", QUICKSTART, "--trainer.logger", "false", "--model", str(model),
+                       "--trainer.default_root_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

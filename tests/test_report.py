@@ -177,3 +177,53 @@ def test_wandb_offline_run_holds_table_and_images(tmp_path, monkeypatch):
     data = open(run_file, "rb").read()
     for key in (b"ood/id_accuracy", b"ood/msp/near_noise/auroc", b"ood/energy/far/fpr95", b"ood/plots/msp"):
         assert key in data, key
+
+
+def test_each_set_has_one_colour_in_histogram_and_roc():
+    from matplotlib.colors import to_rgb
+
+    from lightning_ood.report import score_figure
+
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(40, generator=g) + 2, torch.randn(30, generator=g), torch.randn(20, generator=g) - 1]
+    fig = score_figure("det", scores, ["id", "near", "far"])
+    ax_hist, ax_roc = fig.axes
+    handles, labels = ax_hist.get_legend_handles_labels()
+    hist_colour = {label: to_rgb(handle.get_facecolor()) for handle, label in zip(handles, labels)}
+    roc_colour = {line.get_label(): to_rgb(line.get_color()) for line in ax_roc.lines if line.get_label() in ("near", "far")}
+    assert set(roc_colour) == {"near", "far"}
+    for name in ("near", "far"):
+        assert hist_colour[name] == roc_colour[name], name
+    assert set(hist_colour) == {"id (ID)", "near", "far"} and len(set(hist_colour.values())) == 3
+
+
+def test_histogram_axis_spreads_saturated_and_heavy_tailed_scores():
+    from lightning_ood.report import histogram_axis
+
+    # MSP-like: every ID score within 1e-4 of 1.0, OOD spread over [0.5, 1]
+    id_scores = 1 - torch.linspace(0, 1e-4, 50)
+    ood_scores = torch.linspace(0.5, 1.0, 50)
+    positions, label = histogram_axis([id_scores, ood_scores])
+    assert label.startswith("score rank")
+    # pooled mid-ranks: the 100 values are distinct except 1.0 (in both sets)
+    assert float(positions[0].max()) == pytest.approx(0.99) and float(positions[1].min()) == pytest.approx(0.005)
+    # a heavy tail (one score 1e5, the rest O(1)) on a linear axis would put nearly all mass in one bin
+    heavy = torch.cat([torch.linspace(0, 1, 99), torch.tensor([1e5])])
+    assert histogram_axis([heavy, torch.linspace(0, 1, 100)])[1].startswith("score rank")
+    # well-spread scores keep the raw (clipped) axis: values unchanged inside the 0.5-99.5 % quantiles
+    spread = [torch.linspace(0, 10, 201), torch.linspace(-5, 5, 201)]
+    positions, label = histogram_axis(spread)
+    assert label.startswith("score (clipped")
+    low, high = torch.quantile(torch.cat(spread).double(), torch.tensor([0.005, 0.995], dtype=torch.float64)).tolist()
+    assert torch.equal(positions[0], spread[0].double().clamp(low, high))
+
+
+def test_summary_says_as_configured_and_gives_the_wall_times():
+    results = _results()
+    results["tuning"] = {"ash_s": {"mode": "defaults", "values": "configured"},
+                         "weiper": {"mode": "defaults", "values": "published"}}
+    results["timing"] = {"fit_s": 1.25, "tuning_s": 0.5, "test_s": 3.0}
+    text = summary_text(results)
+    assert "ash_s: as configured (tune=defaults)" in text
+    assert "weiper: published defaults (tune=defaults)" in text
+    assert "wall time: detector fitting 1.2 s, tuning 0.5 s, test pass and report data 3.0 s" in text

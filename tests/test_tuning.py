@@ -157,7 +157,7 @@ def test_ood_validation_mode_and_published_defaults(tmp_path):
     entry = callback.results["tuning"]["ash_s"]
     assert entry["mode"] == "ood_val" and "photo_patches" in entry["split"]
     model, callback, _ = _evaluate(8, "defaults", tmp_path / "defaults")
-    assert callback.results["tuning"]["ash_s"] == {"mode": "defaults"}
+    assert callback.results["tuning"]["ash_s"] == {"mode": "defaults", "values": "published"}
     assert model.detectors["ash_s"].percentile == 95.0
 
 
@@ -166,3 +166,16 @@ def test_ood_val_mode_needs_validation_sets():
         OODEvaluation(tune="ood_val")
     with pytest.raises(ValueError, match="jigsaw, ood_val, defaults"):
         OODEvaluation(tune="sometimes")
+
+
+def test_explicitly_configured_values_are_reported_as_configured(tmp_path, capsys):
+    from lightning_ood.detectors import ASH
+    from tests.ddp_eval_script import run_evaluation
+
+    _, callback = run_evaluation(str(tmp_path), detectors=None, tune="defaults")
+    assert callback.results["tuning"]["ash_s"] == {"mode": "defaults", "values": "published"}
+    capsys.readouterr()
+    _, callback = run_evaluation(str(tmp_path), detectors=[ASH("s", 65), "msp"], tune="defaults")
+    assert callback.results["tuning"]["ash_s"] == {"mode": "defaults", "values": "configured"}
+    assert callback.results["detectors"]["ash_s"]["percentile"] == 65
+    assert "ash_s: as configured (tune=defaults)" in capsys.readouterr().out
