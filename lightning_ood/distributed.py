@@ -1,4 +1,24 @@
-"""Collectives that are no-ops in a single process, so detectors fit identically on 1 or N ranks."""
+"""Collectives that are no-ops in a single process, so detectors fit identically on 1 or N ranks.
+
+The package's rule for multi-process code (every contributor, every file):
+
+1. A collective (``all_reduce``, ``all_gather``/``gather_all_tensors``, ``strategy.broadcast``,
+   ``barrier``, ``reduce_boolean_decision``, ``trainer.log_dir``, :func:`lightning_ood.runs.run_directory`,
+   and torchmetrics ``Metric.compute()`` unless built with ``sync_on_compute=False``) is called by
+   **every rank or by none**, the same number of times, in the same order.
+2. Rank-0-only code (``if trainer.is_global_zero``, ``rank_zero_only``, Lightning's
+   ``SaveConfigCallback.save_config``: reports, plots, files, W&B) **never calls anything that
+   syncs**. Compute what it needs on every rank first and pass the value in.
+3. Every multi-process test has a hard timeout, so breaking 1 or 2 fails in minutes.
+
+Audited sites (2026-12): ``runs.run_directory`` (collective; called from ``setup`` and
+``on_test_epoch_end`` on every rank), ``cli.SaveConfigToRun`` (resolves it in ``setup``),
+``callbacks.OODEvaluation`` (gather, ``all_reduce`` of the minimum feature and the detectors'
+fits on every rank; ``write_report`` / ``save_after_evaluation`` on rank 0 sync nothing),
+``metrics`` (``sync_on_compute=False`` on gathered scores), ``module._stop_if_diverged``
+(``reduce_boolean_decision`` every step on every rank), WeiPer / FeatureNorm ``fit``
+(``all_reduce`` on every rank).
+"""
 from __future__ import annotations
 
 import torch.distributed as dist
