@@ -50,6 +50,7 @@ import math
 import numbers
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -516,10 +517,18 @@ def _read(path: str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if zipfile.is_zipfile(path) and "Unsupported global" in str(err):
+        blocked = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
+        if blocked:
+            what = _sniff_pickled(path) if zipfile.is_zipfile(path) else "a plain pickle"
             raise CheckpointError(
-                f"{path} holds pickled Python objects ({_sniff_pickled(path)}), not a lightning_ood "
-                f"model file, which holds only tensors and plain values. {_HOW_TO_MAKE}"
+                f"{path} holds pickled Python objects ({what}; it references {blocked.group(1)}, which was "
+                f"not loaded or run), not a lightning_ood model file, which holds only tensors and plain "
+                f"values. {_HOW_TO_MAKE}"
+            ) from None
+        if not zipfile.is_zipfile(path) and _starts_like_a_pickle(path):
+            raise CheckpointError(
+                f"{path} is a plain Python pickle (nothing in it was run), not a lightning_ood model file, "
+                f"which is a PyTorch zip archive of tensors and plain values. {_HOW_TO_MAKE}"
             ) from None
         raise CheckpointError(_corrupted(path, err)) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
@@ -547,12 +556,34 @@ def _read(path: str) -> dict[str, Any]:
 
 def _corrupted(path: str, err: BaseException) -> str:
     size = os.path.getsize(path)
-    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    kind = "a PyTorch zip archive that cannot be read" if zipfile.is_zipfile(path) else "not a complete PyTorch file"
+    with open(path, "rb") as file:
+        starts_like_a_zip = file.read(4) == b"PK\x03\x04"
+    if zipfile.is_zipfile(path) or starts_like_a_zip:
+        kind = "truncated or corrupted: a PyTorch zip archive that cannot be read"
+    elif size == 0:
+        kind = "empty"
+    else:
+        kind = "not a model file: its bytes are neither a PyTorch zip archive nor a pickle (or it is cut short)"
     return (
-        f"{path} ({size} bytes) is truncated or corrupted: {kind} ({detail}). Copy the file again "
+        f"{path} ({size} bytes) is {kind} ({_torch_detail(err)}). Copy the file again "
         "or re-create it (save_with_detectors, or trainer.test with OODEvaluation)."
     )
+
+
+def _torch_detail(err: BaseException) -> str:
+    """torch's reason without its boilerplate: never its advice to load with
+    ``weights_only=False``, which would run whatever code the file holds."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line.lower() and "weightsunpickler" not in line.lower()
+              and not line.lower().startswith(("check the documentation", "please file an issue"))]
+    return useful[0][:200] if useful else type(err).__name__
+
+
+def _starts_like_a_pickle(path: str) -> bool:
+    """A pickle of protocol 2 or higher starts with the PROTO opcode (0x80) and its version."""
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _sniff_pickled(path: str) -> str:

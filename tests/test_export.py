@@ -183,7 +183,7 @@ BAD_FILES = {
     "truncated": (lambda e, p: p.write_bytes(open(e.ckpt, "rb").read()[: os.path.getsize(e.ckpt) // 2]),
                   CheckpointError, "truncated or corrupted"),
     "random_bytes": (lambda e, p: p.write_bytes(np.random.default_rng(0).bytes(4096)), CheckpointError,
-                     "truncated or corrupted"),
+                     "not a model file: its bytes are neither a PyTorch zip archive nor a pickle"),
     "plain_state_dict": (lambda e, p: torch.save(e.model.state_dict(), p), CheckpointError,
                          "plain state_dict .*save_with_detectors"),
     "lightning_checkpoint": (lambda e, p: p.write_bytes(open(e.lightning_ckpt, "rb").read()), CheckpointError,
@@ -428,3 +428,35 @@ def test_wandb_artifact_holds_the_file(tmp_path):
 
 def test_load_is_exposed_on_the_package():
     assert lightning_ood.load.__doc__ and export_module.load is not lightning_ood.load
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: the file loaders must never run it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("plain_pickle", r"is a plain Python pickle \(nothing in it was run\), not a lightning_ood model file"),
+    ("torch_zip", r"holds pickled Python objects .*it references (io|builtins)\.open, which was not loaded or run"),
+    ("empty", r"\(0 bytes\) is empty"),
+])
+def test_pickles_and_empty_files_are_named_and_never_run(tmp_path, kind, message):
+    import pickle
+
+    marker = str(tmp_path / "code_ran")
+    path = tmp_path / "model.ckpt"
+    if kind == "plain_pickle":
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    elif kind == "torch_zip":
+        torch.save({"format": "x", "payload": _Payload(marker)}, path)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=message) as caught:
+        lightning_ood.load(str(path))
+    assert "weights_only" not in str(caught.value)  # never the advice that would run the file's code
+    assert not os.path.exists(marker)
