@@ -1117,6 +1117,24 @@ def log_artifact(run: Any, path: str, metadata: Optional[dict[str, Any]] = None)
 
 
 # --------------------------------------------------------------------------- CLI
+def _output_refusal(source: str, out: str, overwrite: bool) -> Optional[str]:
+    """Why ``out`` must not be written (``None`` when it may): it is the input file itself,
+    or an existing file that is not a torch.export program and ``--overwrite`` was not given."""
+    same = os.path.abspath(os.path.realpath(source)) == os.path.abspath(os.path.realpath(out))
+    if not same and os.path.exists(source) and os.path.exists(out):
+        same = os.path.samefile(source, out)
+    if same:
+        return f"--out {out} is the input model file itself; choose another name (e.g. {os.path.splitext(out)[0]}.pt2)"
+    if os.path.exists(out) and not overwrite:
+        is_program = False
+        if zipfile.is_zipfile(out):
+            with zipfile.ZipFile(out) as archive:
+                is_program = any(name.endswith("/models/model.json") for name in archive.namelist())
+        if not is_program:
+            return f"{out} exists and is not a torch.export program; pass --overwrite to replace it"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m lightning_ood.export CKPT --out model.pt2``."""
     parser = argparse.ArgumentParser(
@@ -1128,10 +1146,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="output .pt2 file (default: the checkpoint's name with .pt2)")
     parser.add_argument("--example-batch", type=int, default=2, help="batch size used for tracing (>= 2; default 2)")
     parser.add_argument("--image-size", type=int, default=None, help="input height/width if the file stores no preprocessing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file that is not a .pt2 program")
     args = parser.parse_args(argv)
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".pt2"
     if args.example_batch < 2:
         parser.error("--example-batch must be >= 2")
+    refusal = _output_refusal(args.checkpoint, out, args.overwrite)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     try:
         model = load(args.checkpoint)
         export_program(model, out, example_batch=args.example_batch, image_size=args.image_size)

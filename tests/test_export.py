@@ -460,3 +460,26 @@ def test_pickles_and_empty_files_are_named_and_never_run(tmp_path, kind, message
         lightning_ood.load(str(path))
     assert "weights_only" not in str(caught.value)  # never the advice that would run the file's code
     assert not os.path.exists(marker)
+
+
+def test_export_cli_never_writes_over_its_input_or_a_foreign_file(tmp_path, evaluated, capsys):
+    from lightning_ood.export import main as export_main
+
+    source = tmp_path / "model.ckpt"
+    source.write_bytes(open(evaluated.ckpt, "rb").read())
+    before = source.read_bytes()
+    link = tmp_path / "link.ckpt"
+    os.link(source, link)  # the same inode under another name
+    for out in (source, link):
+        assert export_main([str(source), "--out", str(out)]) == 1
+        assert "is the input model file itself" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    assert export_main([str(source), "--out", str(notes)]) == 1
+    assert "exists and is not a torch.export program; pass --overwrite" in capsys.readouterr().err
+    assert source.read_bytes() == before and notes.read_text() == "keep me"
+    program = tmp_path / "model.pt2"
+    assert export_main([str(source), "--out", str(program)]) == 0
+    assert export_main([str(source), "--out", str(program)]) == 0  # an earlier program may be replaced
+    assert export_main([str(source), "--out", str(notes), "--overwrite"]) == 0
+    assert source.read_bytes() == before
