@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import transforms as T
 
+from lightning_ood.checks import check_number
 from lightning_ood.distributed import is_distributed, rank_and_world
 
 OOD_LABEL = -1
@@ -148,8 +149,10 @@ class OODDataModule(pl.LightningDataModule):
         device_loader: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("num_workers", num_workers, 0, integer=True)
+        check_number("val_size", val_size, 0, integer=True)
+        check_number("seed", seed, 0, integer=True)
         self.root = root
         self.download = download
         self.batch_size = batch_size
@@ -193,6 +196,11 @@ class OODDataModule(pl.LightningDataModule):
 
     def test_transform(self) -> Callable:
         raise NotImplementedError
+
+    def folder_transform(self) -> Callable:
+        """Transform of the RGB PIL images of a folder OOD set (``OODSet(path=...)``). The
+        test transform by default; datamodules whose own images are tensors override it."""
+        return self.test_transform()
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:

@@ -95,6 +95,11 @@ class DigitsDataModule(OODDataModule):
     def test_transform(self) -> Callable:
         return T.Normalize(self.mean, self.std)
 
+    def folder_transform(self) -> Callable:
+        """Folder images (RGB PIL) resized to the digits' size, in [0, 1], then normalised."""
+        size = (self.image_size, self.image_size)
+        return T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
     def build(self) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         remap = torch.full((10,), -1, dtype=torch.long)

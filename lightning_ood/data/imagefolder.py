@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 from torchvision import datasets
 
+from lightning_ood.checks import check_number
 from lightning_ood.data.base import OODDataModule, OODSet, imagenet_transforms, small_image_transforms
 
 
@@ -49,6 +50,7 @@ class ImageFolderDataModule(OODDataModule):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(os.path.dirname(train_dir), False, batch_size, num_workers, val_size, ood_sets, seed)
+        check_number("image_size", image_size, 1, integer=True)
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)

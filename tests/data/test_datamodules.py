@@ -278,3 +278,56 @@ def test_prepare_data_downloads_the_torchvision_ood_sets_once(monkeypatch, tmp_p
 def test_cifar_mean_std_override():
     dm = CIFAR10DataModule(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert dm.mean == (0.5, 0.5, 0.5) and CIFAR10DataModule().mean == (0.4914, 0.4822, 0.4465)
+
+
+# ------------------------------------------------------------------ folder OOD sets
+def _folder_with_a_bad_file(root, kind):
+    from tests.helpers import write_random_images
+
+    folder = root / "ood"
+    write_random_images(folder, 3, seed=0)
+    if kind == "text":
+        (folder / "notes.png").write_text("not an image")
+    else:
+        good = (folder / "0.png").read_bytes()
+        (folder / "cut.png").write_bytes(good[: len(good) // 3])
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_undecodable_ood_files_fail_at_setup_naming_the_file(tmp_path, kind):
+    folder = _folder_with_a_bad_file(tmp_path, kind)
+    bad = "notes.png" if kind == "text" else "cut.png"
+    dm = DigitsDataModule(ood_sets=[OODSet("mine", "far", str(folder))])
+    with pytest.raises(ValueError, match=rf"OOD set 'mine': 1 of 4 files under .* do not decode as images: "
+                                         rf".*{bad} .*Delete or replace them, or point `path` elsewhere"):
+        dm.setup("test")
+
+
+def test_folder_ood_sets_work_on_the_digits_datamodule(tmp_path):
+    from tests.helpers import write_random_images
+
+    write_random_images(tmp_path / "ood", 3, seed=0, size=(40, 48))
+    dm = DigitsDataModule(ood_sets=[OODSet("mine", "far", str(tmp_path / "ood"))])
+    dm.setup("test")
+    image, label, index = dm.ood_test_sets["mine"][1]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == -1 and index == 1
+    # the digits' own normalisation of the resized [0, 1] image
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    with Image.open(sorted((tmp_path / "ood").iterdir())[1]) as img:
+        raw = TF.to_tensor(TF.resize(img.convert("RGB"), [32, 32]))
+    expected = (raw - torch.tensor(dm.mean)[:, None, None]) / torch.tensor(dm.std)[:, None, None]
+    assert torch.allclose(image, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
+    (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
+    (dict(val_size=-5), r"val_size must be >= 0, got -5"),
+    (dict(val_size=2.5), r"val_size must be an integer"),
+])
+def test_datamodule_numbers_are_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(**kwargs)
