@@ -163,12 +163,35 @@ class OODModel(nn.Module):
         return self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms)
 
     def forward(self, x: Tensor) -> dict[str, Any]:
+        self._check_input(x)
         outputs = self.forward_outputs(x)
         scores = {name: detector(outputs) for name, detector in self.detectors.items()}
         result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
         if self.thresholds:
             result["is_ood"] = {name: scores[name] < threshold for name, threshold in self.thresholds.items()}
         return result
+
+    def _check_input(self, x: Any) -> None:
+        """Shape and dtype of a normalised batch, against the stored preprocessing (no host sync)."""
+        hint = "call model(model.preprocess(images)) with raw images (PIL, uint8 or [0, 1] tensors)"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"model(x) takes a normalised float tensor (B, C, H, W), got {type(x).__name__}; {hint}")
+        first = next(iter(self.parameters()), None)
+        expected_dtype = first.dtype if first is not None else torch.float32
+        if x.dtype != expected_dtype:
+            raise TypeError(f"model(x) takes a normalised {expected_dtype} batch, got {x.dtype}; {hint}")
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise ValueError(f"model(x) takes a non-empty batch (B, C, H, W), got shape {tuple(x.shape)}; {hint}")
+        spec = self.preprocessing or {}
+        channels = len(spec.get("mean") or []) or None
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"model(x) takes {channels}-channel images, got {x.shape[1]} (shape {tuple(x.shape)}); {hint}")
+        crop = spec.get("crop_size")
+        if crop is not None:
+            height, width = (crop, crop) if isinstance(crop, int) else tuple(crop)
+            if tuple(x.shape[2:]) != (height, width):
+                raise ValueError(f"model(x) takes {height}x{width} images (the stored crop size), got "
+                                 f"{x.shape[2]}x{x.shape[3]}; {hint}")
 
     def preprocess(self, images: Any) -> Tensor:
         """Raw images -> the normalised batch :meth:`forward` expects, on the model's device.
@@ -220,6 +243,8 @@ def _preprocess_one(image: Any, spec: Mapping[str, Any]) -> Tensor:
             raise ValueError(f"preprocess expects (C, H, W) or (B, C, H, W) tensors; got shape {tuple(image.shape)}")
         if image.dtype == torch.uint8:
             image = image.float().div(255.0)
+        elif image.dtype == torch.uint16:
+            image = image.float().div(65535.0)
         elif image.is_floating_point():
             image = image.float()
             low, high = float(image.min()), float(image.max())
@@ -229,7 +254,7 @@ def _preprocess_one(image: Any, spec: Mapping[str, Any]) -> Tensor:
                     f"[{low:.3g}, {high:.3g}]. An already-normalised batch goes to model(x) directly."
                 )
         else:
-            raise TypeError(f"preprocess expects uint8 or float tensors; got {image.dtype}")
+            raise TypeError(f"preprocess expects uint8, uint16 or float tensors; got {image.dtype}")
         image = TF.resize(image, spec["resize_size"], interpolation=interpolation, antialias=True)
     else:
         try:
@@ -238,15 +263,38 @@ def _preprocess_one(image: Any, spec: Mapping[str, Any]) -> Tensor:
             raise TypeError(f"preprocess expects tensors or PIL images; got {type(image)}") from err
         if not isinstance(image, Image.Image):
             raise TypeError(f"preprocess expects PIL images or tensors; got {type(image).__name__}")
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
-        image = TF.to_tensor(TF.resize(image, spec["resize_size"], interpolation=interpolation))
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            image = _wide_pil_to_unit(image)
+            image = TF.resize(image, spec["resize_size"], interpolation=interpolation, antialias=True)
+        else:
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            image = TF.to_tensor(TF.resize(image, spec["resize_size"], interpolation=interpolation))
     image = TF.center_crop(image, spec["crop_size"])
     if image.shape[0] == 1:
         image = image.repeat(3, 1, 1)
     if image.shape[0] != len(spec["mean"]):
         raise ValueError(f"preprocess expects 1 or {len(spec['mean'])} channels; got {image.shape[0]}")
     return TF.normalize(image, spec["mean"], spec["std"])
+
+
+def _wide_pil_to_unit(image: Any) -> Tensor:
+    """A 16-bit, 32-bit integer or float PIL image as a (1, H, W) tensor in [0, 1]: 16-bit
+    and ``I`` images (how Pillow opens 16-bit PNGs) are divided by 65535; ``I`` values
+    outside 0-65535 and ``F`` values outside [0, 1] are refused (their range is unknown)."""
+    import numpy as np
+
+    values = torch.from_numpy(np.asarray(image).astype(np.float64))
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F":
+        if low < 0 or high > 1:
+            raise ValueError(f"preprocess: a float ('F') PIL image must hold values in [0, 1]; got [{low:.3g}, "
+                             f"{high:.3g}]. Scale it to [0, 1] (or to uint8) first")
+        return values.float()[None]
+    if low < 0 or high > 65535:
+        raise ValueError(f"preprocess: a {image.mode!r} PIL image holds values in [{low:.0f}, {high:.0f}], outside "
+                         "the 16-bit range 0-65535; scale it to [0, 1] (or to uint8) first")
+    return (values / 65535.0).float()[None]
 
 
 # --------------------------------------------------------------------------- saving

@@ -483,3 +483,40 @@ def test_export_cli_never_writes_over_its_input_or_a_foreign_file(tmp_path, eval
     assert export_main([str(source), "--out", str(program)]) == 0  # an earlier program may be replaced
     assert export_main([str(source), "--out", str(notes), "--overwrite"]) == 0
     assert source.read_bytes() == before
+
+
+def test_preprocess_scales_16_bit_and_float_images_by_their_range(evaluated):
+    from PIL import Image
+
+    model = load(evaluated.ckpt)
+    spec = model.preprocessing
+    mean, std = torch.tensor(spec["mean"])[:, None, None], torch.tensor(spec["std"])[:, None, None]
+    # a constant 32x32 16-bit grey image (the crop size: resizing keeps a constant) of 13107 = 0.2 * 65535
+    grey16 = Image.fromarray(np.full((32, 32), 13107, dtype=np.uint16))
+    assert grey16.mode.startswith("I")
+    expected = ((torch.full((3, 32, 32), 0.2) - mean) / std)[None]
+    torch.testing.assert_close(model.preprocess(grey16), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.preprocess(torch.full((1, 32, 32), 13107, dtype=torch.uint16)), expected,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.preprocess(Image.fromarray(np.full((32, 32), 0.2, dtype=np.float32))), expected,
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"'F'\) PIL image must hold values in \[0, 1\]; got \[0, 7\]"):
+        model.preprocess(Image.fromarray(np.linspace(0, 7, 1024, dtype=np.float32).reshape(32, 32)))
+    with pytest.raises(ValueError, match=r"outside the 16-bit range"):
+        model.preprocess(Image.fromarray(np.full((32, 32), 70000, dtype=np.int32)))
+
+
+@pytest.mark.parametrize("x, error, message", [
+    (torch.zeros(2, 3, 1, 1), ValueError, r"takes 32x32 images \(the stored crop size\), got 1x1"),
+    (torch.zeros(2, 1, 32, 32), ValueError, r"takes 3-channel images, got 1"),
+    (torch.zeros(0, 3, 32, 32), ValueError, r"non-empty batch"),
+    (torch.zeros(3, 32, 32), ValueError, r"non-empty batch \(B, C, H, W\), got shape \(3, 32, 32\)"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TypeError, r"normalised torch.float32 batch, got torch.uint8"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.float64), TypeError, r"got torch.float64"),
+    ("image.png", TypeError, r"got str"),
+])
+def test_calling_the_model_checks_its_input_and_names_preprocess(evaluated, x, error, message):
+    model = load(evaluated.ckpt)
+    with pytest.raises(error, match=message) as caught:
+        model(x)
+    assert "model.preprocess(images)" in str(caught.value)
