@@ -371,3 +371,39 @@ def test_whole_model_precisions_evaluate(tmp_path, precision, loss):
     assert set(callback.results["metrics"]) == expected
     for per_set in callback.results["metrics"].values():
         assert all(math.isfinite(v) for metrics in per_set.values() for v in metrics.values())
+
+
+# ------------------------------------------------------------- jigsaw pseudo-OOD
+def test_fit_and_tuning_really_see_jigsaw_images(tmp_path):
+    """With the jigsaw replaced by the identity, NormRatio is exactly 1 for every block and
+    every tuning AUROC 0.5: both must differ here."""
+    _, callback = run_evaluation(str(tmp_path), detectors=["featurenorm", "ash_s"], tune="jigsaw")
+    ratios = torch.tensor(callback.results["detectors"]["feature_norm"]["ratios"])
+    assert (ratios - 1).abs().min() > 1e-3, ratios
+    aurocs = [point["auroc"] for point in callback.results["tuning"]["ash_s"]["grid"]]
+    assert any(abs(a - 0.5) > 0.05 for a in aurocs), aurocs
+
+
+def test_jigsaw_is_seeded_per_sample_index_not_per_batch():
+    callback = OODEvaluation(jigsaw_seed=3)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    indices = torch.tensor([10, 11, 12, 13, 14, 15])
+    whole = callback._jigsaw(images, indices)
+    split = torch.cat([callback._jigsaw(images[:2], indices[:2]), callback._jigsaw(images[2:], indices[2:])])
+    assert torch.equal(whole, split)  # batch composition (ranks, batch size) does not matter
+    assert not torch.equal(whole, images)
+    # the same image under another index is shuffled differently; another seed too
+    assert not torch.equal(callback._jigsaw(images[:1], torch.tensor([99])), whole[:1])
+    assert not torch.equal(OODEvaluation(jigsaw_seed=4)._jigsaw(images, indices), whole)
+
+
+def test_id_threshold_hand_computed():
+    from lightning_ood.callbacks import id_threshold
+
+    scores20 = torch.arange(1.0, 21.0)[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    assert id_threshold(scores20, 0.95) == 2.0  # 19 of 20 scores >= 2
+    assert id_threshold(torch.arange(1.0, 24.0), 0.95) == 2.0  # ceil(0.95 * 23) = 22 scores >= 2
+    assert id_threshold(torch.arange(1.0, 24.0), 0.9) == 3.0  # ceil(20.7) = 21 scores >= 3
+    assert id_threshold(scores20, 1.0) == 1.0
+    assert id_threshold(torch.tensor([5.0, 5.0, 5.0, 1.0]), 0.5) == 5.0  # ties: 3 scores >= 5
+    assert id_threshold(torch.tensor([3.0, 3.0, 1.0, 1.0]), 0.95) == 1.0

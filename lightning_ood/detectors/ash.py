@@ -30,15 +30,23 @@ class ASH(Detector):
         variant: ``"p"``, ``"b"`` or ``"s"`` (ASH-P, ASH-B, ASH-S).
         percentile: pruning percentile on the paper's 0-100 scale (90 prunes 90 %). The
             authors use ASH-S@90 for ImageNet ResNet-50 and ASH-S@95 for CIFAR.
+        allow_small_percentile: accept a percentile in (0, 1]. Refused by default: such a
+            value is almost always a fraction meant as a percentage (0.9 for 90).
     """
 
     changes_logits = True
 
-    def __init__(self, variant: str = "s", percentile: float = 90.0) -> None:
+    def __init__(self, variant: str = "s", percentile: float = 90.0, allow_small_percentile: bool = False) -> None:
         super().__init__()
         if variant not in _SHAPERS:
             raise ValueError(f"unknown ASH variant {variant!r}; valid choices: {sorted(_SHAPERS)}")
         check_percentile(percentile)
+        if 0 < float(percentile) <= 1 and not allow_small_percentile:
+            raise ValueError(
+                f"ASH percentile {percentile} is on the 0-100 scale, so it prunes only {percentile} % of the "
+                f"activations; did you mean {float(percentile) * 100:g}? Pass allow_small_percentile=True to keep it"
+            )
+        self.allow_small_percentile = allow_small_percentile
         self.variant = variant
         self.register_buffer("pruning_percentile", torch.tensor(float(percentile)))
         self._head: tuple[nn.Module, ...] = ()

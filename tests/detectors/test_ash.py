@@ -118,3 +118,13 @@ def test_nan_features_are_a_clear_error():
     features[2, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         detector(ForwardOutputs(logits=torch.zeros(3, 4), features=features))
+
+
+def test_a_fraction_given_as_percentile_is_refused_unless_allowed():
+    from lightning_ood.detectors import ASH
+
+    with pytest.raises(ValueError, match=r"ASH percentile 0.9 is on the 0-100 scale, so it prunes only 0.9 % .*"
+                                         r"did you mean 90\? Pass allow_small_percentile=True"):
+        ASH("s", 0.9)
+    assert ASH("s", 0.9, allow_small_percentile=True).percentile == pytest.approx(0.9)
+    assert ASH("s", 0).percentile == 0 and ASH("s", 65).percentile == 65
