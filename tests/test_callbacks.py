@@ -157,10 +157,29 @@ def test_default_detectors_of_an_isomax_plus_model(tmp_path):
     assert "min_distance" in results["metrics"]
     assert {"msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "feature_norm"} <= set(results["metrics"])
     assert "weiper" not in results["metrics"] and "linear head" in results["skipped"]["weiper"]
-    # IsoMax+ logits are negative distances: the min-distance score is the max logit
-    for values_md, values_ml in zip(results["metrics"]["min_distance"].values(),
-                                    results["metrics"]["max_logit"].values()):
-        assert values_md == pytest.approx(values_ml)
+    # min_distance = -|d| * (Euclidean distance from the unit feature to the nearest unit
+    # prototype), computed here by hand from the pooled features and the head's parameters
+    from lightning_ood.metrics import ood_metrics
+    from tests.ddp_eval_script import make_model
+
+    model = make_model("isomax_plus").eval()
+    datamodule = RandomOODDataModule()
+    datamodule.setup("test")
+
+    def hand_scores(dataset):
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        with torch.no_grad():
+            features = model.backbone(images)[0].double()
+        unit_features = features / features.norm(dim=1, keepdim=True)
+        prototypes = model.head.prototypes.detach().double()
+        unit_prototypes = prototypes / prototypes.norm(dim=1, keepdim=True)
+        distances = ((unit_features[:, None, :] - unit_prototypes[None]) ** 2).sum(-1).sqrt()
+        return -model.head.distance_scale.detach().double().abs() * distances.min(dim=1).values
+
+    id_scores = hand_scores(datamodule.test_set)
+    for name, dataset in datamodule.ood_test_sets.items():
+        expected = ood_metrics(id_scores, hand_scores(dataset))["auroc"]
+        assert results["metrics"]["min_distance"][name]["auroc"] == pytest.approx(expected, abs=1e-6), name
 
 
 # ------------------------------------------------------------------- de-duplication
@@ -371,6 +390,26 @@ def test_whole_model_precisions_evaluate(tmp_path, precision, loss):
     assert set(callback.results["metrics"]) == expected
     for per_set in callback.results["metrics"].values():
         assert all(math.isfinite(v) for metrics in per_set.values() for v in metrics.values())
+    # MSP and Energy from the model run by hand in that dtype (logits scored in float64)
+    from lightning_ood.metrics import ood_metrics
+
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    model = make_model(loss).eval().to(dtype)
+    datamodule = RandomOODDataModule()
+    datamodule.setup("test")
+
+    def logits_of(dataset):
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(dtype)
+        with torch.no_grad():
+            return model(images).double()
+
+    id_logits = logits_of(datamodule.test_set)
+    for name, dataset in datamodule.ood_test_sets.items():
+        ood_logits = logits_of(dataset)
+        for detector, score in (("msp", lambda z: z.softmax(1).max(1).values), ("energy", lambda z: z.logsumexp(1))):
+            expected = ood_metrics(score(id_logits), score(ood_logits))["auroc"]
+            assert callback.results["metrics"][detector][name]["auroc"] == pytest.approx(expected, abs=1e-9), \
+                (detector, name)
 
 
 # ------------------------------------------------------------- jigsaw pseudo-OOD

@@ -86,7 +86,19 @@ def test_forward_outputs_bundle():
         plain = model.forward_outputs(x)
     assert isinstance(out, ForwardOutputs)
     assert out.logits.shape == (3, 6) and out.features.shape == (3, 64)
-    assert out.block_norms.shape == (3, 8) and (out.block_norms >= 0).all()
+    assert out.block_norms.shape == (3, 8)
+    # FeatureNorm (METHODS.md) of every residual block, from hand-written hooks:
+    # (1/M) sum_m sqrt(sum_hw ReLU(z)^2), blocks in forward order layer1.0 ... layer4.1
+    maps = []
+    blocks = [m for name, m in model.backbone.named_modules() if name.count(".") == 1 and name.startswith("layer")]
+    handles = [b.register_forward_hook(lambda mod, inp, z: maps.append(z.detach().double())) for b in blocks]
+    with torch.no_grad():
+        model.backbone(x)
+    for h in handles:
+        h.remove()
+    assert len(maps) == 8
+    expected = torch.stack([z.clamp(min=0).pow(2).sum(dim=(2, 3)).sqrt().mean(dim=1) for z in maps], dim=1)
+    torch.testing.assert_close(out.block_norms.double(), expected, atol=1e-5, rtol=1e-5)
     assert plain.block_norms is None
     torch.testing.assert_close(out.logits, model(x))
     torch.testing.assert_close(out.logits, model.head(out.features))
