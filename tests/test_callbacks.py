@@ -373,6 +373,24 @@ def test_bf16_mixed_precision_evaluation_matches_float32(tmp_path, loss):
                 assert math.isfinite(mixed["metrics"][detector][set_name][metric])
                 assert mixed["metrics"][detector][set_name][metric] == pytest.approx(value, abs=0.2), (detector, set_name, metric)
     assert mixed["id"]["accuracy"] == pytest.approx(full["id"]["accuracy"], abs=0.1)
+    # exact: MSP and Energy from the model run by hand under the same bfloat16 autocast
+    from lightning_ood.metrics import ood_metrics
+
+    model = make_model(loss).eval()
+    datamodule = RandomOODDataModule()
+    datamodule.setup("test")
+
+    def logits_of(dataset):
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(images).double()
+
+    id_logits = logits_of(datamodule.test_set)
+    for name, dataset in datamodule.ood_test_sets.items():
+        ood_logits = logits_of(dataset)
+        for detector, score in (("msp", lambda z: z.softmax(1).max(1).values), ("energy", lambda z: z.logsumexp(1))):
+            expected = ood_metrics(score(id_logits), score(ood_logits))["auroc"]
+            assert mixed["metrics"][detector][name]["auroc"] == pytest.approx(expected, abs=1e-9), (detector, name)
 
 
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
