@@ -26,20 +26,51 @@ def test_hand_example_through_identity_head():
     torch.testing.assert_close(detector(out), torch.tensor([expected]))
 
 
+@pytest.mark.parametrize("variant, shaped", [
+    ("p", [0.0, 0.0, 3.0, 4.0]),                                            # prune the lower half
+    ("b", [0.0, 0.0, 5.0, 5.0]),                                            # kept = sum(x) / k = 10 / 2
+    ("s", [0.0, 0.0, 3.0 * math.exp(10 / 7), 4.0 * math.exp(10 / 7)]),      # x exp(sum all / sum kept)
+])
+def test_hand_examples_of_every_variant(variant, shaped):
+    detector = ASH(variant, 50)
+    detector.attach(nn.Identity())
+    out = ForwardOutputs(logits=torch.zeros(1, 4), features=torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    torch.testing.assert_close(detector.shaped_logits(out), torch.tensor([shaped]))
+    expected = math.log(sum(math.exp(v) for v in shaped))  # energy of the shaped logits
+    torch.testing.assert_close(detector(out), torch.tensor([expected]))
+
+
+def _reference_shaping(x: torch.Tensor, variant: str, percentile: float) -> torch.Tensor:
+    """ASH written out per sample with a sort (independent of the detector's functional code)."""
+    rows = []
+    for row in x.double():
+        k = row.numel() - int(round(row.numel() * percentile / 100))
+        order = torch.sort(row, descending=True).indices
+        kept = torch.zeros_like(row)
+        kept[order[:k]] = row[order[:k]]
+        if variant == "b":
+            kept[order[:k]] = row.sum() / k
+        elif variant == "s":
+            kept = kept * math.exp(float(row.sum() / row[order[:k]].sum()))
+        rows.append(kept)
+    return torch.stack(rows).float()
+
+
 @pytest.mark.parametrize("variant, fn", [("p", ash_p), ("b", ash_b), ("s", ash_s)])
 def test_through_linear_head(variant, fn):
     torch.manual_seed(0)
     head = LinearHead(32, 5)
-    features = torch.relu(torch.randn(6, 32))
+    features = torch.rand(6, 32) + 0.1  # positive and distinct: which values are kept is unambiguous
     out = _outputs(head, features)
     before = features.clone()
     detector = ASH(variant, 75)
     detector.attach(head)
     with torch.no_grad():
         logits = detector.shaped_logits(out)
-        expected = head(fn(features, 75))
-        torch.testing.assert_close(logits, expected)
-        torch.testing.assert_close(detector(out), torch.logsumexp(expected, dim=1))
+        expected = head(_reference_shaping(features, variant, 75))
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fn(features, 75), _reference_shaping(features, variant, 75), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(detector(out), torch.logsumexp(expected, dim=1), atol=1e-4, rtol=1e-4)
     assert torch.equal(features, before)
     assert detector.name == f"ash_{variant}"
 
@@ -52,7 +83,7 @@ def test_through_isomax_plus_head():
     detector.attach(head)
     with torch.no_grad():
         score = detector(_outputs(head, features))
-        expected = torch.logsumexp(head(ash_s(features, 90)), dim=1)
+        expected = torch.logsumexp(head(_reference_shaping(features, "s", 90)), dim=1)
     assert score.shape == (6,) and torch.isfinite(score).all()
     torch.testing.assert_close(score, expected)
 
