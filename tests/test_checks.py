@@ -89,3 +89,13 @@ def test_the_projects_own_deprecations_are_not_silenced():
         warnings.warn_explicit("old lightning_ood API", DeprecationWarning, "lightning_ood/x.py", 1,
                                module="lightning_ood.x")
     warnings.warn_explicit("old torch API", DeprecationWarning, "torch/x.py", 1, module="torch.x")  # ignored
+
+
+def test_zero_epochs_warn_before_training():
+    from types import SimpleNamespace
+
+    from lightning_ood.cli import OODCLI
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=0, logger=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="max_epochs is 0: nothing is trained"):
+        OODCLI.before_fit(SimpleNamespace(trainer=trainer))

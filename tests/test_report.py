@@ -227,3 +227,20 @@ def test_summary_says_as_configured_and_gives_the_wall_times():
     assert "ash_s: as configured (tune=defaults)" in text
     assert "weiper: published defaults (tune=defaults)" in text
     assert "wall time: detector fitting 1.2 s, tuning 0.5 s, test pass and report data 3.0 s" in text
+
+
+def test_report_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """A crash while writing (here: the disk fails at fsync) leaves the previous results intact."""
+    import lightning_ood.io
+
+    results = _results()
+    (tmp_path / "results.json").write_text('{"previous": true}')
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lightning_ood.io.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(results, _per_set(), ["toy", *OOD_SETS], ["plain", "shaped"], [0, 1], str(tmp_path), plots=False)
+    assert json.loads((tmp_path / "results.json").read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left behind
