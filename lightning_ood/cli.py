@@ -196,14 +196,25 @@ def use_wandb_offline_without_account() -> None:
     print("lightning_ood: no W&B account configured, logging offline (sync later with `wandb sync`)", file=sys.stderr)
 
 
+def import_from_working_directory() -> None:
+    """``python train.py`` puts the script's folder on ``sys.path``, not the working
+    directory: add it (last, so it never shadows installed packages), so that a user's
+    own ``mymodels.py`` next to their config can be named by class path."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def main(args: Optional[list[str]] = None) -> OODCLI:
     """Entry point of ``train.py``."""
+    import_from_working_directory()
     use_wandb_offline_without_account()
     return OODCLI(args=args)
 
 
 def evaluate_main(args: Optional[list[str]] = None) -> EvaluateCLI:
     """Entry point of ``evaluate.py``."""
+    import_from_working_directory()
     use_wandb_offline_without_account()
     cli = EvaluateCLI(args=args)
     cli.run()

@@ -17,10 +17,17 @@ from lightning_ood.io import load_state_dict_file
 def import_class(class_path: str) -> type:
     """``package.module.Class`` -> the class, with a clear error."""
     module_name, _, name = class_path.rpartition(".")
+    if not module_name or not name:
+        raise ValueError(f"cannot import {class_path!r}: give a full class path like torchvision.models.resnet18")
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import {class_path!r}: give a full class path like torchvision.models.resnet18") from err
+        module = importlib.import_module(module_name)
+    except ImportError as err:  # the real cause: the module itself, or an import inside it
+        raise ValueError(f"cannot import {class_path!r}: {type(err).__name__}: {err}. A module of your own must be "
+                         "importable: run train.py/evaluate.py from its folder or add the folder to PYTHONPATH") from err
+    if not hasattr(module, name):
+        raise ValueError(f"cannot import {class_path!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+                         f"has no attribute {name!r}")
+    return getattr(module, name)
 
 
 class _NoBlocks(nn.Module):

@@ -218,3 +218,25 @@ def test_wandb_artifact_of_a_program_lists_only_the_exported_detectors(tmp_path,
     assert path == str(tmp_path / "model_with_detectors.pt2")
     (logged_path, metadata), = logged
     assert logged_path == path and metadata["detectors"] == ["msp"] and metadata["thresholds"] == {"msp": 0.5}
+
+
+def test_user_modules_in_the_working_directory_import_with_their_real_errors(tmp_path, monkeypatch):
+    import sys
+
+    from lightning_ood.cli import import_from_working_directory
+    from lightning_ood.posthoc import import_class
+
+    (tmp_path / "usernet_ok.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    (tmp_path / "usernet_broken.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.chdir(tmp_path)
+    # as under `python evaluate.py`: sys.path[0] is the script's folder, not the working directory
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ValueError, match=r"ModuleNotFoundError: No module named 'usernet_ok'.*run train.py/evaluate.py "
+                                         r"from its folder or add the folder to PYTHONPATH"):
+        import_class("usernet_ok.Net")
+    import_from_working_directory()
+    assert import_class("usernet_ok.Net").__name__ == "Net"
+    with pytest.raises(ValueError, match=r"No module named 'a_package_that_is_not_installed'"):
+        import_class("usernet_broken.Net")
+    with pytest.raises(ValueError, match=r"module 'usernet_ok' \(.*usernet_ok.py\) has no attribute 'Nett'"):
+        import_class("usernet_ok.Nett")
