@@ -120,7 +120,9 @@ class OODModel(nn.Module):
     ``is_ood`` is always returned when the file holds thresholds (``OODEvaluation`` stores,
     per detector, the score that keeps 95 % of the ID test set); it holds the detectors that
     have one, and ``score < threshold`` means OOD. ``x`` is a normalised float batch
-    (B, 3, H, W); :meth:`preprocess` makes one from raw images.
+    (B, 3, H, W); :meth:`preprocess` makes one from raw images. ``forward`` checks its
+    dtype, channels and (when stored) crop size, not its values, and says to call
+    :meth:`preprocess` when they do not fit.
 
     Attributes:
         classifier: the :class:`~lightning_ood.module.OODClassifier` (backbone, head and
@@ -203,8 +205,11 @@ class OODModel(nn.Module):
 
         Args:
             images: a PIL image, a (C, H, W) or (B, C, H, W) tensor, or a list of them.
-                ``uint8`` tensors hold 0-255 values, float tensors values in [0, 1]
-                (an already-normalised tensor goes to ``model(x)`` directly).
+                ``uint8`` tensors hold 0-255 values, ``uint16`` tensors 0-65535, float
+                tensors values in [0, 1] (an already-normalised tensor goes to ``model(x)``
+                directly); other integer dtypes are refused. 16-bit PIL images (``I;16``)
+                and ``I`` images (how Pillow may open 16-bit PNGs) are divided by 65535
+                (``I`` values outside 0-65535 are refused); ``F`` images must hold [0, 1].
 
         Returns:
             float32 tensor (B, 3, crop, crop).
@@ -573,11 +578,6 @@ def _read(path: str) -> dict[str, Any]:
                 f"not loaded or run), not a lightning_ood model file, which holds only tensors and plain "
                 f"values. {_HOW_TO_MAKE}"
             ) from None
-        if not zipfile.is_zipfile(path) and _starts_like_a_pickle(path):
-            raise CheckpointError(
-                f"{path} is a plain Python pickle (nothing in it was run), not a lightning_ood model file, "
-                f"which is a PyTorch zip archive of tensors and plain values. {_HOW_TO_MAKE}"
-            ) from None
         raise CheckpointError(_corrupted(path, err)) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
         raise CheckpointError(_corrupted(path, err)) from None
@@ -603,19 +603,35 @@ def _read(path: str) -> dict[str, Any]:
 
 
 def _corrupted(path: str, err: BaseException) -> str:
+    """What an unreadable file is, from its bytes (never unpickled): a torch.export program,
+    a zip or pickle that is not a model file, or a damaged PyTorch file."""
     size = os.path.getsize(path)
+    again = "Copy the file again or re-create it (save_with_detectors, or trainer.test with OODEvaluation)."
+    if size == 0:
+        return f"{path} (0 bytes) is empty. {again}"
+    if _is_program(path):
+        return (f"{path} is a torch.export program (.pt2), not a lightning_ood model file: load it with "
+                "lightning_ood.export.load_program(path) (or torch.export.load(path).module())")
+    names = _zip_names(path)
+    if names is not None and not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        shown = ", ".join(repr(n[:60]) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        return (f"{path} ({size} bytes) is not a model file: a zip archive, but not a PyTorch file (it holds "
+                f"{shown or 'nothing'}). {_HOW_TO_MAKE}")
     with open(path, "rb") as file:
         starts_like_a_zip = file.read(4) == b"PK\x03\x04"
-    if zipfile.is_zipfile(path) or starts_like_a_zip:
+    pickled, references = (None, []) if names is not None or starts_like_a_zip else _pickle_kind(path)
+    if pickled == "pickle":
+        held = (f" of Python objects (it references {', '.join(references[:3])}"
+                f"{' ...' if len(references) > 3 else ''})" if references else "")
+        return (f"{path} is a plain Python pickle{held}; nothing in it was loaded or run. It is not a lightning_ood "
+                f"model file, which is a PyTorch zip archive of tensors and plain values. {_HOW_TO_MAKE}")
+    if names is not None or starts_like_a_zip:
         kind = "truncated or corrupted: a PyTorch zip archive that cannot be read"
-    elif size == 0:
-        kind = "empty"
+    elif pickled == "legacy":
+        kind = "truncated or corrupted: a PyTorch file of the legacy (before torch 1.6) format that cannot be read"
     else:
         kind = "not a model file: its bytes are neither a PyTorch zip archive nor a pickle (or it is cut short)"
-    return (
-        f"{path} ({size} bytes) is {kind} ({_torch_detail(err)}). Copy the file again "
-        "or re-create it (save_with_detectors, or trainer.test with OODEvaluation)."
-    )
+    return f"{path} ({size} bytes) is {kind} ({_torch_detail(err)}). {again}"
 
 
 def _torch_detail(err: BaseException) -> str:
@@ -624,14 +640,60 @@ def _torch_detail(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     useful = [line for line in lines if "weights_only" not in line.lower() and "weightsunpickler" not in line.lower()
               and not line.lower().startswith(("check the documentation", "please file an issue"))]
-    return useful[0][:200] if useful else type(err).__name__
+    if not useful:
+        return type(err).__name__
+    reason = re.split(r"\s*(?:\(Could this error message be improved|This is an internal miniz error)", useful[0])[0]
+    return f"{type(err).__name__}: {reason[:200]}" if reason else type(err).__name__
 
 
-def _starts_like_a_pickle(path: str) -> bool:
-    """A pickle of protocol 2 or higher starts with the PROTO opcode (0x80) and its version."""
+def _is_program(path: str) -> bool:
+    """Whether ``path`` is a zip archive laid out as a ``torch.export`` program (``.pt2``)."""
+    names = _zip_names(path)
+    return names is not None and any(name.endswith("/models/model.json") for name in names)
+
+
+def _zip_names(path: str) -> Optional[list[str]]:
+    """The member names of a readable zip archive; ``None`` for anything else."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+#: ``torch.save``'s legacy (non-zip) files start with a pickle of this number.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+#: How much of a file :func:`_pickle_kind` parses.
+_PICKLE_PROBE = 1 << 20
+
+
+def _pickle_kind(path: str) -> tuple[Optional[str], list[str]]:
+    """``("legacy", [])`` for a legacy ``torch.save`` file, ``("pickle", globals it references)``
+    for any other pickle (any protocol), ``(None, [])`` otherwise. Parses the opcodes of the
+    file's first MiB with :mod:`pickletools`, which neither imports nor runs anything."""
+    import pickletools
+
     with open(path, "rb") as file:
-        head = file.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+        data = file.read(_PICKLE_PROBE)
+    opcodes, strings, references = 0, [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            opcodes += 1
+            if isinstance(arg, int) and not isinstance(arg, bool) and arg == _LEGACY_MAGIC:
+                return "legacy", []
+            if opcode.name == "GLOBAL" and isinstance(arg, str):
+                references.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                references.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "STOP":
+                return "pickle", list(dict.fromkeys(references))
+    except Exception:  # any parse failure: not a pickle (or the probe ended inside a large one)
+        pass
+    larger = len(data) == _PICKLE_PROBE and os.path.getsize(path) > _PICKLE_PROBE
+    starts_with_proto = len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+    return ("pickle", list(dict.fromkeys(references))) if larger and starts_with_proto and opcodes > 1 else (None, [])
 
 
 def _sniff_pickled(path: str) -> str:
@@ -1173,13 +1235,10 @@ def _output_refusal(source: str, out: str, overwrite: bool) -> Optional[str]:
         same = os.path.samefile(source, out)
     if same:
         return f"--out {out} is the input model file itself; choose another name (e.g. {os.path.splitext(out)[0]}.pt2)"
-    if os.path.exists(out) and not overwrite:
-        is_program = False
-        if zipfile.is_zipfile(out):
-            with zipfile.ZipFile(out) as archive:
-                is_program = any(name.endswith("/models/model.json") for name in archive.namelist())
-        if not is_program:
-            return f"{out} exists and is not a torch.export program; pass --overwrite to replace it"
+    if os.path.isdir(out):
+        return f"--out {out} is a folder; name the .pt2 file to write (e.g. {os.path.join(out, 'model.pt2')})"
+    if os.path.exists(out) and not overwrite and not _is_program(out):
+        return f"{out} exists and is not a torch.export program; pass --overwrite to replace it"
     return None
 
 

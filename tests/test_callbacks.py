@@ -374,23 +374,11 @@ def test_bf16_mixed_precision_evaluation_matches_float32(tmp_path, loss):
                 assert mixed["metrics"][detector][set_name][metric] == pytest.approx(value, abs=0.2), (detector, set_name, metric)
     assert mixed["id"]["accuracy"] == pytest.approx(full["id"]["accuracy"], abs=0.1)
     # exact: MSP and Energy from the model run by hand under the same bfloat16 autocast
-    from lightning_ood.metrics import ood_metrics
+    def run_by_hand(model, images):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(images)
 
-    model = make_model(loss).eval()
-    datamodule = RandomOODDataModule()
-    datamodule.setup("test")
-
-    def logits_of(dataset):
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(images).double()
-
-    id_logits = logits_of(datamodule.test_set)
-    for name, dataset in datamodule.ood_test_sets.items():
-        ood_logits = logits_of(dataset)
-        for detector, score in (("msp", lambda z: z.softmax(1).max(1).values), ("energy", lambda z: z.logsumexp(1))):
-            expected = ood_metrics(score(id_logits), score(ood_logits))["auroc"]
-            assert mixed["metrics"][detector][name]["auroc"] == pytest.approx(expected, abs=1e-9), (detector, name)
+    assert_msp_and_energy_match_a_hand_run(mixed["metrics"], make_model(loss).eval(), run_by_hand)
 
 
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
@@ -409,25 +397,30 @@ def test_whole_model_precisions_evaluate(tmp_path, precision, loss):
     for per_set in callback.results["metrics"].values():
         assert all(math.isfinite(v) for metrics in per_set.values() for v in metrics.values())
     # MSP and Energy from the model run by hand in that dtype (logits scored in float64)
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    assert_msp_and_energy_match_a_hand_run(callback.results["metrics"], make_model(loss).eval().to(dtype),
+                                           lambda model, images: model(images.to(dtype)))
+
+
+def assert_msp_and_energy_match_a_hand_run(metrics, model, run) -> None:
+    """The MSP and Energy AUROCs of ``metrics`` equal those of ``run(model, images)`` on the
+    whole RandomOODDataModule test sets, its logits scored in float64 here (to 1e-9)."""
     from lightning_ood.metrics import ood_metrics
 
-    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
-    model = make_model(loss).eval().to(dtype)
     datamodule = RandomOODDataModule()
     datamodule.setup("test")
 
     def logits_of(dataset):
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(dtype)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         with torch.no_grad():
-            return model(images).double()
+            return run(model, images).double()
 
     id_logits = logits_of(datamodule.test_set)
     for name, dataset in datamodule.ood_test_sets.items():
         ood_logits = logits_of(dataset)
         for detector, score in (("msp", lambda z: z.softmax(1).max(1).values), ("energy", lambda z: z.logsumexp(1))):
             expected = ood_metrics(score(id_logits), score(ood_logits))["auroc"]
-            assert callback.results["metrics"][detector][name]["auroc"] == pytest.approx(expected, abs=1e-9), \
-                (detector, name)
+            assert metrics[detector][name]["auroc"] == pytest.approx(expected, abs=1e-9), (detector, name)
 
 
 # ------------------------------------------------------------- jigsaw pseudo-OOD

@@ -14,6 +14,8 @@ from lightning_ood.checks import check_number
 from lightning_ood.distributed import is_distributed, rank_and_world
 
 OOD_LABEL = -1
+#: Largest seed (``seed_everything``'s range is 0 .. 2**32 - 1).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -75,6 +77,24 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
+def check_mean_std(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> None:
+    """Raise a ValueError unless ``mean`` and ``std`` hold ``channels`` finite numbers each,
+    every ``std`` > 0 (a zero std divides by zero in ``Normalize``)."""
+    for name, values in (("mean", mean), ("std", std)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != channels:
+            raise ValueError(f"{name} must be {channels} numbers (one per channel), got {values!r}")
+    for c in range(channels):
+        check_number(f"mean[{c}]", mean[c])
+        check_number(f"std[{c}]", std[c], 0, low_open=True)
+
+
+def check_val_size(val_size: int, n_train: int) -> None:
+    """Raise a ValueError unless holding out ``val_size`` of ``n_train`` images leaves some to train on."""
+    if val_size >= n_train:
+        raise ValueError(f"val_size must be < {n_train} (the number of ID training images), got {val_size}: "
+                         "it would leave no image to train on; lower val_size")
+
+
 def small_image_transforms(mean: Sequence[float], std: Sequence[float], size: int = 32) -> tuple[Callable, Callable]:
     """(train, test) transforms for CIFAR-size images: random crop (pad 4) + flip."""
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
@@ -96,6 +116,7 @@ def class_balanced_subset(labels: Tensor, max_samples: Optional[int], seed: int 
 
     ``None`` or a size >= len(labels) keeps everything. Deterministic for ``seed``.
     """
+    check_number("max_samples", max_samples, 1, integer=True, optional=True)
     n = len(labels)
     if max_samples is None or max_samples >= n:
         return torch.arange(n)
@@ -152,7 +173,9 @@ class OODDataModule(pl.LightningDataModule):
         check_number("batch_size", batch_size, 1, integer=True)
         check_number("num_workers", num_workers, 0, integer=True)
         check_number("val_size", val_size, 0, integer=True)
-        check_number("seed", seed, 0, integer=True)
+        check_number("seed", seed, integer=True)
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0 .. {MAX_SEED} (the range of seed_everything), got {seed}")
         self.root = root
         self.download = download
         self.batch_size = batch_size
@@ -177,6 +200,7 @@ class OODDataModule(pl.LightningDataModule):
                     test_transform: Callable) -> dict[str, Any]:
         """:meth:`build`'s result for a training set of which ``val_size`` images (seeded)
         are held out for validation."""
+        check_val_size(self.val_size, len(full_train))
         order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
         train = Subset(full_train, train_idx.tolist())
@@ -198,8 +222,10 @@ class OODDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def folder_transform(self) -> Callable:
-        """Transform of the RGB PIL images of a folder OOD set (``OODSet(path=...)``). The
-        test transform by default; datamodules whose own images are tensors override it."""
+        """Transform of the RGB PIL images of a folder OOD set (``OODSet(path=...)``) into
+        (C, ``image_size``, ``image_size``) float tensors like the ID test images (tried on
+        the folder's first image at set-up). The test transform by default; datamodules
+        whose test transform takes tensors (the digits) override it."""
         return self.test_transform()
 
     # ------------------------------------------------------------------ setup

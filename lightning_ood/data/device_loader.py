@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 
+from lightning_ood.checks import check_number
+from lightning_ood.data.base import check_mean_std
 from lightning_ood.distributed import rank_and_world
 
 Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, sample indices
@@ -133,13 +135,16 @@ class DeviceLoader:
             raise ValueError(f"labels must be ({images.shape[0]},); got shape {tuple(labels.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise TypeError(f"images must be uint8 (0..255) or floating point ([0, 1]); got {images.dtype}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if padding < 0:
-            raise ValueError(f"padding must be >= 0, got {padding}")
-        channels = images.shape[1]
-        if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean/std need {channels} values (one per channel); got {len(mean)}/{len(std)}")
+        check_number("batch_size", batch_size, 1, integer=True)
+        check_number("padding", padding, 0, integer=True)
+        check_number("seed", seed, 0, integer=True)
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"give rank and world_size together (or neither, for the current process group), "
+                             f"got rank={rank!r}, world_size={world_size!r}")
+        if world_size is not None:
+            check_number("world_size", world_size, 1, integer=True)
+            check_number("rank", rank, 0, world_size - 1, integer=True)
+        check_mean_std(mean, std, images.shape[1])
         device = torch.device(device) if device is not None else images.device
         self.images = images.to(device)
         self.labels = labels.to(device=device, dtype=torch.long)

@@ -15,11 +15,13 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
-from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet
+from lightning_ood.checks import check_number
+from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet, check_val_size
 
 
 def load_digit_images(size: int = 32) -> tuple[Tensor, Tensor]:
     """All 1797 digits as (N, 3, size, size) floats in [0, 1] and (N,) labels."""
+    check_number("size", size, 1, integer=True)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -31,6 +33,8 @@ def load_digit_images(size: int = 32) -> tuple[Tensor, Tensor]:
 def photo_patches(n: int = 500, size: int = 32, seed: int = 0) -> Tensor:
     """``n`` random colour patches (32 to 128 px, resized to ``size``) of the two photographs
     scikit-learn ships, as (n, 3, size, size) floats in [0, 1]."""
+    check_number("n", n, 1, integer=True)
+    check_number("size", size, 1, integer=True)
     from sklearn.datasets import load_sample_images
 
     generator = torch.Generator().manual_seed(seed)
@@ -80,12 +84,19 @@ class DigitsDataModule(OODDataModule):
         id_classes = sorted(set(int(c) for c in id_classes))
         if len(id_classes) < 2 or not set(id_classes) <= set(range(10)):
             raise ValueError(f"id_classes must be at least two distinct digits in 0-9, got {id_classes}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        check_number("test_fraction", test_fraction, 0, 1, low_open=True, high_open=True)
         self.id_classes = id_classes
         self.num_classes = len(id_classes)
         self.test_fraction = test_fraction
         images, labels = load_digit_images(self.image_size)
+        sizes = {c: int((labels == c).sum()) for c in id_classes}
+        smallest = min(sizes, key=sizes.get)
+        m = sizes[smallest]
+        if not 1 <= round(m * test_fraction) <= m - 1:
+            raise ValueError(f"test_fraction={test_fraction} leaves digit {smallest} ({m} images) without a "
+                             f"{'test' if round(m * test_fraction) < 1 else 'training'} image: use a "
+                             f"test_fraction between 1/{m} and 1 - 1/{m}")
+        check_val_size(val_size, sum(n - round(n * test_fraction) for n in sizes.values()))
         id_mask = torch.isin(labels, torch.tensor(id_classes))
         train_images = images[id_mask]
         self.mean = tuple(train_images.mean(dim=(0, 2, 3)).tolist())
@@ -96,9 +107,11 @@ class DigitsDataModule(OODDataModule):
         return T.Normalize(self.mean, self.std)
 
     def folder_transform(self) -> Callable:
-        """Folder images (RGB PIL) resized to the digits' size, in [0, 1], then normalised."""
-        size = (self.image_size, self.image_size)
-        return T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        """Folder images (RGB PIL) as the digits' own: shorter side resized to ``image_size``,
+        centre-cropped square, in [0, 1] (as ``model.preprocess`` of a saved digits model
+        does), then normalised."""
+        return T.Compose([T.Resize(self.image_size), T.CenterCrop(self.image_size), T.ToTensor(),
+                          self.test_transform()])
 
     def build(self) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)

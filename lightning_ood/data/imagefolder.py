@@ -8,7 +8,9 @@ import torch
 from torchvision import datasets
 
 from lightning_ood.checks import check_number
-from lightning_ood.data.base import OODDataModule, OODSet, imagenet_transforms, small_image_transforms
+from lightning_ood.data.base import (
+    OODDataModule, OODSet, check_mean_std, imagenet_transforms, small_image_transforms,
+)
 
 
 def _image_folder(path: str) -> datasets.ImageFolder:
@@ -51,6 +53,7 @@ class ImageFolderDataModule(OODDataModule):
     ) -> None:
         super().__init__(os.path.dirname(train_dir), False, batch_size, num_workers, val_size, ood_sets, seed)
         check_number("image_size", image_size, 1, integer=True)
+        check_mean_std(mean, std)
         self.train_dir, self.test_dir = train_dir, test_dir
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)

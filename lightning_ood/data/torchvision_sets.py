@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-from lightning_ood.data.base import OODDataModule, OODSet, small_image_transforms
+from lightning_ood.data.base import OODDataModule, OODSet, check_mean_std, small_image_transforms
 
 
 def _labels_of(dataset: Dataset) -> Tensor:
@@ -67,6 +67,7 @@ class _TorchvisionDataModule(OODDataModule):
         super().__init__(root, download, batch_size, num_workers, val_size, ood_sets, seed, device_loader)
         self.mean = tuple(mean) if mean is not None else type(self).mean
         self.std = tuple(std) if std is not None else type(self).std
+        check_mean_std(self.mean, self.std)
 
     def prepare_data(self) -> None:
         """Download the ID splits and the torchvision OOD sets (Lightning calls this on one

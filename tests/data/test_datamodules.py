@@ -242,7 +242,7 @@ def test_image_folder_errors(image_tree, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no images"):
         dm.setup("test")
     dm = ImageFolderDataModule(
-        str(image_tree / "train"), str(image_tree / "test"), image_size=32,
+        str(image_tree / "train"), str(image_tree / "test"), image_size=32, val_size=1,
         ood_sets=[{"name": "gone", "path": str(tmp_path / "gone")}],
     )
     with pytest.raises(FileNotFoundError, match="OOD folder not found"):
