@@ -28,16 +28,16 @@ def known_ood_sets() -> tuple[str, ...]:
 class ImageFiles(Dataset):
     """Every image file under a folder (recursively, sorted), as RGB PIL images.
 
-    With ``verify`` (the default) every file is read and fully decoded once when the set is
-    built, at set-up, before any training: a file that does not decode (not an image,
-    truncated) fails there with its name, not in the test loop after training. Opening a
-    file is not enough; only decoding every pixel finds a truncated one (unless the user
-    set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, which then pads such files grey both
-    here and in the test loop). Cost, measured on one core of this project's 2-core CPU
-    machine (2026-12-02, files in the page cache, 200 files each): 0.05 ms per 32x32 PNG,
-    0.06 ms per 40x40 PNG, 0.3 ms per 256x256 JPEG, 0.9 ms per 500x375 JPEG, 1.1 ms per
-    224x224 PNG, i.e. about 10 s per 10,000 ImageNet-size photos (on every process under
-    DDP; reading from a cold disk adds the I/O).
+    Every file is read and fully decoded once when the set is built (at set-up, before any
+    training): a file that does not decode (not an image, truncated) fails there with its
+    name, not in the test loop after training. Opening a file is not enough; only decoding
+    every pixel finds a truncated one (unless the user set
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``, which then pads such files grey both here and
+    in the test loop). Cost, measured on one core of this project's 2-core CPU
+    machine (2026-12-02, files in the page cache, 200 files each, shared machine so +-20 %):
+    0.05 ms per 32x32 PNG, 0.07 ms per 40x40 PNG, 0.4 ms per 256x256 JPEG, 1 ms per 500x375
+    JPEG or 224x224 PNG, i.e. about 10 s per 10,000 ImageNet-size photos (on every process
+    under DDP; reading from a cold disk adds the I/O).
     """
 
     def __init__(self, path: str) -> None:
@@ -49,14 +49,13 @@ class ImageFiles(Dataset):
         )
         if not self.files:
             raise FileNotFoundError(f"OOD folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        if verify:
-            bad = [(f, reason) for f in self.files if (reason := undecodable(f)) is not None]
-            if bad:
-                shown = 5
-                listed = "; ".join(f"{f} ({reason})" for f, reason in bad[:shown])
-                more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
-                raise ValueError(f"{len(bad)} of {len(self.files)} files under {path} do not decode as images: "
-                                 f"{listed}{more}. Delete or replace them")
+        bad = [(f, reason) for f in self.files if (reason := undecodable(f)) is not None]
+        if bad:
+            shown = 5
+            listed = "; ".join(f"{f} ({reason})" for f, reason in bad[:shown])
+            more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+            raise ValueError(f"{len(bad)} of {len(self.files)} files under {path} do not decode as images: "
+                             f"{listed}{more}. Delete or replace them")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -121,8 +120,8 @@ def build_ood_set(spec: OODSet, datamodule: "OODDataModule") -> IndexedDataset:
 
 def _checked_folder_transform(spec: OODSet, datamodule: "OODDataModule", files: ImageFiles) -> Callable:
     """``datamodule.folder_transform()``, once tried on the folder's first image: it must give
-    a (C, H, W) float tensor, so a datamodule whose transform does not take PIL images fails
-    at set-up, not after training."""
+    a (C, image_size, image_size) float tensor, so a datamodule whose transform does not take
+    PIL images fails at set-up, not after training."""
     transform = datamodule.folder_transform()
     name = type(datamodule).__name__
     try:
@@ -134,7 +133,8 @@ def _checked_folder_transform(spec: OODSet, datamodule: "OODDataModule", files: 
     size = (datamodule.image_size, datamodule.image_size)
     if not isinstance(image, Tensor) or image.dim() != 3 or not image.is_floating_point() \
             or tuple(image.shape[1:]) != size:
-        got = f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+        got = (f"a {image.dtype} tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor)
+               else type(image).__name__)
         raise TypeError(f"OOD set {spec.name!r}: {name}.folder_transform() turns {files.files[0]} into {got}, "
                         f"not a (C, {size[0]}, {size[1]}) float tensor like its own images: override "
                         f"folder_transform() in {name}")

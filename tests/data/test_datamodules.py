@@ -10,6 +10,7 @@ from lightning_ood.data import (
     class_balanced_subset, known_ood_sets,
 )
 from lightning_ood.data.digits import load_digit_images, photo_patches
+from lightning_ood.data.ood import ImageFiles
 from tests.helpers import write_random_images
 
 
@@ -281,53 +282,151 @@ def test_cifar_mean_std_override():
 
 
 # ------------------------------------------------------------------ folder OOD sets
-def _folder_with_a_bad_file(root, kind):
-    from tests.helpers import write_random_images
-
+def _folder_with_bad_files(root, kind, n_bad=1):
+    """3 good PNGs plus ``n_bad`` bad ones: text named .png, or a real PNG cut to a third."""
     folder = root / "ood"
     write_random_images(folder, 3, seed=0)
-    if kind == "text":
-        (folder / "notes.png").write_text("not an image")
-    else:
-        good = (folder / "0.png").read_bytes()
-        (folder / "cut.png").write_bytes(good[: len(good) // 3])
+    good = (folder / "0.png").read_bytes()
+    for i in range(n_bad):
+        bad = folder / "sub" / f"bad{i}.png"
+        bad.parent.mkdir(exist_ok=True)
+        bad.write_bytes(b"not an image" if kind == "text" else good[: len(good) // 3])
     return folder
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated"])
 def test_undecodable_ood_files_fail_at_setup_naming_the_file(tmp_path, kind):
-    folder = _folder_with_a_bad_file(tmp_path, kind)
-    bad = "notes.png" if kind == "text" else "cut.png"
+    """setup("test") is what OODEvaluation.setup runs before the first epoch."""
+    folder = _folder_with_bad_files(tmp_path, kind)
     dm = DigitsDataModule(ood_sets=[OODSet("mine", "far", str(folder))])
-    with pytest.raises(ValueError, match=rf"OOD set 'mine': 1 of 4 files under .* do not decode as images: "
-                                         rf".*{bad} .*Delete or replace them, or point `path` elsewhere"):
+    reason = "UnidentifiedImageError" if kind == "text" else "OSError: image file is truncated"
+    with pytest.raises(ValueError, match=rf"OOD set 'mine': 1 of 4 files under {folder} do not decode as images: "
+                                         rf"{folder / 'sub' / 'bad0.png'} \({reason}.*\)\. Delete or replace "
+                                         r"them, or point `path` elsewhere"):
         dm.setup("test")
 
 
-def test_folder_ood_sets_work_on_the_digits_datamodule(tmp_path):
-    from tests.helpers import write_random_images
+def test_many_undecodable_files_are_counted_and_the_first_five_named(tmp_path):
+    folder = _folder_with_bad_files(tmp_path, "text", n_bad=7)
+    dm = DigitsDataModule(ood_sets=[OODSet("mine", "far", str(folder))])
+    with pytest.raises(ValueError, match=r"7 of 10 files .*bad4\.png .*; and 2 more\. Delete") as caught:
+        dm.setup("test")
+    assert "bad5.png" not in str(caught.value)
 
-    write_random_images(tmp_path / "ood", 3, seed=0, size=(40, 48))
-    dm = DigitsDataModule(ood_sets=[OODSet("mine", "far", str(tmp_path / "ood"))])
-    dm.setup("test")
-    image, label, index = dm.ood_test_sets["mine"][1]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == -1 and index == 1
-    # the digits' own normalisation of the resized [0, 1] image
+
+def test_an_ood_image_that_breaks_after_setup_is_named_when_read(tmp_path):
+    folder = tmp_path / "ood"
+    write_random_images(folder, 3, seed=0)
+    files = ImageFiles(str(folder))
+    good = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(good[: len(good) // 3])  # truncated after the start-up check
+    assert files[0][0].size == (40, 40)
+    with pytest.raises(ValueError, match=rf"OOD image {folder / '1.png'} does not decode \(OSError: image file is "
+                                         r"truncated.*\): delete or replace it"):
+        files[1]
+
+
+def test_folder_ood_sets_work_on_the_digits_datamodule(tmp_path):
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    with Image.open(sorted((tmp_path / "ood").iterdir())[1]) as img:
-        raw = TF.to_tensor(TF.resize(img.convert("RGB"), [32, 32]))
-    expected = (raw - torch.tensor(dm.mean)[:, None, None]) / torch.tensor(dm.std)[:, None, None]
-    assert torch.allclose(image, expected, atol=1e-6)
+    write_random_images(tmp_path / "ood", 3, seed=0, size=(40, 48))  # 40 high, 48 wide
+    dm = DigitsDataModule(batch_size=2, ood_sets=[OODSet("mine", "far", str(tmp_path / "ood"))])
+    dm.setup("test")
+    image, label, index = dm.ood_test_sets["mine"][1]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == OOD_LABEL and index == 1
+    # like the digits' own images: shorter side to 32, centre crop, [0, 1], then their normalisation
+    with Image.open(tmp_path / "ood" / "1.png") as img:
+        raw = TF.to_tensor(TF.center_crop(TF.resize(img.convert("RGB"), [32, 38]), [32, 32]))
+    mean, std = torch.tensor(dm.mean)[:, None, None], torch.tensor(dm.std)[:, None, None]
+    torch.testing.assert_close(image, (raw - mean) / std)
+    images, labels, _ = next(iter(dm.test_dataloader()[1]))
+    assert images.shape == (2, 3, 32, 32) and (labels == OOD_LABEL).all()
+
+
+def test_a_folder_transform_that_does_not_give_tensors_fails_at_setup(tmp_path):
+    """A datamodule whose test transform takes tensors and that keeps the default folder
+    transform (as the digits did) fails when the set is built, naming the hook."""
+    class TensorOnly(DigitsDataModule):
+        def folder_transform(self):
+            return self.test_transform()
+
+    class WrongSize(DigitsDataModule):
+        def folder_transform(self):
+            from torchvision import transforms as T
+
+            return T.Compose([T.ToTensor(), self.test_transform()])
+
+    write_random_images(tmp_path / "ood", 2, seed=0)
+    for cls, message in ((TensorOnly, r"TensorOnly\.folder_transform\(\) fails on .*0\.png \(TypeError"),
+                         (WrongSize, r"turns .*0\.png into a torch\.float32 tensor of shape \(3, 40, 40\), "
+                                     r"not a \(C, 32, 32\) float tensor")):
+        dm = cls(ood_sets=[OODSet("mine", "far", str(tmp_path / "ood"))])
+        with pytest.raises(TypeError, match=message + r".*override folder_transform\(\)"):
+            dm.setup("test")
+
+
+# --------------------------------------------------------------- numbers checked early
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
+    (dict(batch_size=8.0), r"batch_size must be an integer, got 8\.0"),
+    (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
+    (dict(val_size=-5), r"val_size must be >= 0, got -5"),
+    (dict(val_size=2.5), r"val_size must be an integer, got 2\.5"),
+    (dict(val_size=403), r"val_size must be < 403 \(the number of ID training images\), got 403"),
+    (dict(seed=-1), r"seed must be in 0 \.\. 4294967295 .*got -1"),
+    (dict(seed=2**32), r"seed must be in 0 \.\. 4294967295 .*got 4294967296"),
+    (dict(test_fraction=0.0), r"test_fraction must be > 0 and < 1, got 0\.0"),
+    (dict(test_fraction=float("nan")), r"test_fraction must be a number, got nan"),
+    (dict(test_fraction=0.001), r"test_fraction=0\.001 leaves digit 2 \(177 images\) without a test image: "
+                                r"use a test_fraction between 1/177 and 1 - 1/177"),
+    (dict(test_fraction=0.999, val_size=0), r"without a training image"),
+])
+def test_digits_numbers_are_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(id_classes=(2, 5, 7), **kwargs)
+
+
+def test_digits_numbers_at_the_edges_are_accepted():
+    DigitsDataModule(id_classes=(2, 5, 7), val_size=402, seed=2**32 - 1, num_workers=0)
+    DigitsDataModule(id_classes=(2, 5, 7), test_fraction=1 / 177, val_size=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
-    (dict(num_workers=-1), r"num_workers must be >= 0, got -1"),
-    (dict(val_size=-5), r"val_size must be >= 0, got -5"),
-    (dict(val_size=2.5), r"val_size must be an integer"),
+    (dict(image_size=0), r"image_size must be >= 1, got 0"),
+    (dict(image_size=32.5), r"image_size must be an integer, got 32\.5"),
+    (dict(std=(0.2, 0.0, 0.2)), r"std\[1\] must be > 0, got 0\.0"),
+    (dict(mean=(0.5, 0.5)), r"mean must be 3 numbers \(one per channel\), got \(0\.5, 0\.5\)"),
+    (dict(num_workers=-2), r"num_workers must be >= 0, got -2"),
 ])
-def test_datamodule_numbers_are_checked_at_construction(kwargs, message):
+def test_image_folder_numbers_are_checked_at_construction(image_tree, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DigitsDataModule(**kwargs)
+        ImageFolderDataModule(str(image_tree / "train"), str(image_tree / "test"), **kwargs)
+
+
+def test_a_val_size_that_leaves_no_training_image_fails_at_setup(image_tree):
+    dm = ImageFolderDataModule(str(image_tree / "train"), str(image_tree / "test"), image_size=32, val_size=12)
+    with pytest.raises(ValueError, match=r"val_size must be < 12 \(the number of ID training images\), got 12.*"
+                                         r"lower val_size"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(std=(0.2, 0.2, -0.1)), r"std\[2\] must be > 0, got -0\.1"),
+    (dict(mean=(0.5, float("inf"), 0.5)), r"mean\[1\] must be a number, got inf"),
+    (dict(val_size=-1), r"val_size must be >= 0, got -1"),
+])
+def test_torchvision_numbers_are_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_helper_numbers_are_checked():
+    with pytest.raises(ValueError, match=r"max_samples must be >= 1, got -5"):
+        class_balanced_subset(torch.arange(10) % 2, -5)
+    with pytest.raises(ValueError, match=r"max_samples must be >= 1, got 0"):
+        class_balanced_subset(torch.arange(10) % 2, 0)
+    with pytest.raises(ValueError, match=r"n must be >= 1, got 0"):
+        photo_patches(0)
+    with pytest.raises(ValueError, match=r"size must be >= 1, got 0"):
+        load_digit_images(0)

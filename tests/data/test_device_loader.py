@@ -250,3 +250,21 @@ def test_trainer_fit_two_steps_with_the_device_loader():
     assert isinstance(loader, DeviceLoader)
     assert loader.epoch == 1  # Lightning's per-epoch set_epoch reached the loader
     assert len(seen.indices) == 2 and not torch.equal(seen.indices[0], seen.indices[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"batch_size must be >= 1, got 0"),
+    (dict(batch_size=4.0), r"batch_size must be an integer, got 4\.0"),
+    (dict(padding=-1), r"padding must be >= 0, got -1"),
+    (dict(padding=2.5), r"padding must be an integer, got 2\.5"),
+    (dict(seed=-3), r"seed must be >= 0, got -3"),
+    (dict(rank=1, world_size=None), r"give rank and world_size together .*got rank=1, world_size=None"),
+    (dict(rank=2, world_size=2), r"rank must be >= 0 and <= 1, got 2"),
+    (dict(rank=0, world_size=0), r"world_size must be >= 1, got 0"),
+    (dict(std=(0.2, 0.0, 0.2)), r"std\[1\] must be > 0, got 0\.0"),
+])
+def test_numeric_options_are_checked_at_construction(kwargs, message):
+    args = dict(batch_size=2, mean=MEAN, std=STD, rank=0, world_size=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        DeviceLoader(_images(4), torch.zeros(4), **args)
