@@ -571,12 +571,11 @@ def _read(path: str) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         blocked = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
-        if blocked:
-            what = _sniff_pickled(path) if zipfile.is_zipfile(path) else "a plain pickle"
+        if blocked and zipfile.is_zipfile(path):  # a plain pickle of objects: named by _corrupted
             raise CheckpointError(
-                f"{path} holds pickled Python objects ({what}; it references {blocked.group(1)}, which was "
-                f"not loaded or run), not a lightning_ood model file, which holds only tensors and plain "
-                f"values. {_HOW_TO_MAKE}"
+                f"{path} holds pickled Python objects ({_sniff_pickled(path)}; it references {blocked.group(1)}, "
+                "which was not loaded or run), not a lightning_ood model file, which holds only tensors and "
+                f"plain values. {_HOW_TO_MAKE}"
             ) from None
         raise CheckpointError(_corrupted(path, err)) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:

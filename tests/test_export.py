@@ -441,7 +441,8 @@ class _Payload:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("plain_pickle", r"is a plain Python pickle \(nothing in it was run\), not a lightning_ood model file"),
+    ("plain_pickle", r"is a plain Python pickle of Python objects \(it references (io|builtins)\.open\); nothing in "
+                     r"it was loaded or run. It is not a lightning_ood model file"),
     ("torch_zip", r"holds pickled Python objects .*it references (io|builtins)\.open, which was not loaded or run"),
     ("empty", r"\(0 bytes\) is empty"),
 ])
