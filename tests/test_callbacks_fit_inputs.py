@@ -79,12 +79,13 @@ def _key(image: torch.Tensor) -> bytes:
 
 def jigsaw_pairs(recorder: ForwardRecorder, datamodule: RandomOODDataModule) -> dict[tuple[str, int], tuple]:
     """``{(split, index): (image, what the backbone saw next to it)}`` for the fit (``fit``)
-    and tuning (``val``) passes: a batch the datasets do not hold is paired, image by image,
-    with the plain batch before it."""
+    and tuning (``val``) passes: a batch the datasets do not hold (in the dtype the backbone
+    was fed) is paired, image by image, with the plain batch before it."""
     known = {}
+    dtype = recorder.before_test[0].dtype if recorder.before_test else torch.float32
     for split, dataset in (("fit", datamodule.fit_set), ("val", datamodule.val_set)):
         for i in range(len(dataset)):
-            known[_key(dataset[i][0])] = (split, i)
+            known[_key(dataset[i][0].to(dtype))] = (split, i)
     pairs, previous = {}, None
     for batch in recorder.before_test:
         ids = [known.get(_key(image)) for image in batch]
@@ -118,7 +119,8 @@ def check_jigsaw_inputs(pairs: dict, datamodule: RandomOODDataModule) -> None:
     """Every fit image (41) and tuning image (5) reached the backbone with a jigsaw version:
     its 3x3 tiles permuted (not in place), the 1 px border 0, the same multiset of pixel
     values inside the tiled area; the permutations differ between images."""
-    expected = {("fit", i) for i in range(len(datamodule.fit_set))} | {("val", i) for i in range(len(datamodule.val_set))}
+    expected = ({("fit", i) for i in range(len(datamodule.fit_set))}
+                | {("val", i) for i in range(len(datamodule.val_set))})
     assert set(pairs) == expected, f"no jigsaw version of {sorted(expected - set(pairs))[:5]} ..."
     area = GRID * TILE
     perms = set()
@@ -181,6 +183,24 @@ def test_norm_ratios_are_the_jigsaw_ratios_and_differ_from_1(jigsaw_runs):
     check_norm_ratios(callback, jigsaw_pairs(recorder, datamodule))
 
 
+@pytest.mark.xfail(strict=True, reason="lightning_ood.detectors.functional.jigsaw draws its permutation with "
+                   "torch.rand in the default dtype, which Lightning sets to float64 (64-true) or bfloat16 "
+                   "(bf16-true) around the fit pass, so the same seed gives other permutations; drawing in "
+                   "float32 fixes it (then remove this marker)")
+def test_jigsaw_is_the_same_under_every_precision(jigsaw_runs, tmp_path):
+    """Seeded per sample index, whatever the precision: the fit images get the tile
+    permutations of the 32-true run under 64-true and bf16-true too."""
+    recorder, datamodule, _ = jigsaw_runs[4]
+    pairs = jigsaw_pairs(recorder, datamodule)
+    expected = {s: tile_permutation(*pairs[s]) for s in pairs if s[0] == "fit"}
+    for precision in ("64-true", "bf16-true"):
+        recorder, _, datamodule = _precision_run(str(tmp_path / precision), precision)
+        pairs = jigsaw_pairs(recorder, datamodule)
+        got = {s: tile_permutation(plain.float(), shuffled.float()) for s, (plain, shuffled) in pairs.items()
+               if s[0] == "fit"}
+        assert got == expected, (precision, sum(got[s] != expected[s] for s in expected), "of", len(expected))
+
+
 def _identity(self, images, indices):
     return images
 
@@ -220,12 +240,13 @@ def test_the_checks_catch_a_jigsaw_seeded_by_batch_position(tmp_path):
 DETECTORS = ["energy", "msp", "ash_s", "featurenorm"]
 
 
-def _precision_run(folder: str, precision: str, loss: str = "ce") -> tuple[ForwardRecorder, OODEvaluation]:
-    recorder = ForwardRecorder()
+def _precision_run(folder: str, precision: str,
+                   loss: str = "ce") -> tuple[ForwardRecorder, OODEvaluation, RandomOODDataModule]:
+    recorder, datamodule = ForwardRecorder(), RandomOODDataModule()
     callback = make_callback(detectors=DETECTORS, output_dir=folder, tune="jigsaw")
     pl.Trainer(**trainer_kwargs(precision=precision, callbacks=[callback, recorder])).test(
-        make_model(loss), datamodule=RandomOODDataModule())
-    return recorder, callback
+        make_model(loss), datamodule=datamodule)
+    return recorder, callback, datamodule
 
 
 def _test_outputs(recorder: ForwardRecorder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,10 +269,11 @@ def _scores(callback: OODEvaluation, name: str) -> torch.Tensor:
 def test_64_true_evaluation_matches_a_float64_hand_computation(tmp_path):
     """Fit, tuning and test passes run in float64 and the bundle keeps float64: features,
     logits and block norms equal a float64 computation to 1e-9 (a float32 step anywhere on
-    the path would leave errors of about 1e-7). Scores are stored as float32: one rounding,
-    at most 2^-24 relative."""
-    recorder, callback = _precision_run(str(tmp_path), "64-true")
-    assert recorder.dtypes == {"before_test": {(torch.float64, torch.float64)}, "test": {(torch.float64, torch.float64)}}
+    the path would leave errors of about 1e-7). Scores and NormRatios are stored as float32:
+    one rounding, at most 2^-24 relative."""
+    recorder, callback, datamodule = _precision_run(str(tmp_path), "64-true")
+    float64 = {(torch.float64, torch.float64)}
+    assert recorder.dtypes == {"before_test": float64, "test": float64}
     images, features, logits, norms = _test_outputs(recorder)
     assert features.dtype == logits.dtype == norms.dtype == torch.float64
     reference = make_model().double().eval()
@@ -262,6 +284,14 @@ def test_64_true_evaluation_matches_a_float64_hand_computation(tmp_path):
     torch.testing.assert_close(_scores(callback, "energy").double(), torch.logsumexp(hand_logits, 1), rtol=u32, atol=0)
     torch.testing.assert_close(_scores(callback, "msp").double(), torch.softmax(hand_logits, 1).amax(1),
                                rtol=u32, atol=0)
+    # the fit pass: NormRatios of the float64 images it fed the backbone, computed in float64
+    pairs = jigsaw_pairs(recorder, datamodule)
+    fit = sorted(sample for sample in pairs if sample[0] == "fit")
+    assert len(fit) == len(datamodule.fit_set) and all(pairs[s][0].dtype == torch.float64 for s in fit)
+    plain = hand_forward(reference, torch.stack([pairs[s][0] for s in fit]))[2]
+    shuffled = hand_forward(reference, torch.stack([pairs[s][1] for s in fit]))[2]
+    ratios = torch.tensor(callback.results["detectors"]["feature_norm"]["ratios"], dtype=torch.float64)
+    torch.testing.assert_close(ratios, (plain / shuffled).mean(dim=0), rtol=u32, atol=1e-12)
 
 
 #: bf16 keeps 8 significant bits: unit roundoff u = 2^-8. Each of the ~20 layers of this
@@ -270,7 +300,7 @@ def test_64_true_evaluation_matches_a_float64_hand_computation(tmp_path):
 #: and is still far below what a wrong path (other weights, other inputs) gives.
 BF16_VS_FLOAT32 = 8 * 2.0 ** -8
 #: Two bf16 values that differ at all differ by >= 1 ulp >= 2^-8 relative: below that means
-#: "the same bf16 computation".
+#: "the same bf16 computation" (IsoMax+ logits are float32 distances of those same features).
 SAME_BF16 = 2.0 ** -10
 
 
@@ -284,7 +314,7 @@ def test_bf16_evaluation_matches_hand_computations(tmp_path, precision, loss):
     """Every pass runs the backbone in bf16; the bundle is float32 and equals the same bf16
     computation done by hand; the detectors score in float32 (a bf16 score would be off by
     ~2^-8); and the result is within BF16_VS_FLOAT32 of a float32 reference."""
-    recorder, callback = _precision_run(str(tmp_path), precision, loss)
+    recorder, callback, _ = _precision_run(str(tmp_path), precision, loss)
     expected_input = torch.float32 if precision == "bf16-mixed" else torch.bfloat16
     for phase in ("before_test", "test"):
         assert recorder.dtypes[phase] == {(expected_input, torch.bfloat16)}, (phase, recorder.dtypes)

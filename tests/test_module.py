@@ -104,6 +104,31 @@ def test_forward_outputs_bundle():
     torch.testing.assert_close(out.logits, model.head(out.features))
 
 
+def test_block_norms_rectify_the_block_outputs():
+    """torchvision's blocks end in a ReLU, so FeatureNorm's own ReLU never acts on them;
+    here a hook shifts every block output by -0.3 (about half its entries become negative)
+    and the block norms must be those of the ReLU'd shifted maps, computed by hand:
+    (1/M) sum_m sqrt(sum_hw max(z - 0.3, 0)^2). Without the ReLU, with a sum over channels
+    or with an L1 norm they differ."""
+    torch.manual_seed(0)
+    model = OODClassifier(num_classes=6, width=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = []
+
+    def shift(module, args, z):
+        maps.append(z.detach().double() - 0.3)
+        return z - 0.3
+
+    handles = [block.register_forward_hook(shift) for block in model.backbone.blocks()]
+    with torch.no_grad():
+        norms = model.forward_outputs(x, with_block_norms=True).block_norms
+    for handle in handles:
+        handle.remove()
+    assert len(maps) == 8 and all(0.2 < float((z < 0).double().mean()) < 0.9 for z in maps)
+    expected = torch.stack([z.clamp(min=0).pow(2).sum(dim=(2, 3)).sqrt().mean(dim=1) for z in maps], dim=1)
+    torch.testing.assert_close(norms.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_l2_norm_model_classifies_with_the_unnormalised_path_in_eval():
     torch.manual_seed(0)
     model = OODClassifier(loss="l2_norm", num_classes=6, width=8, l2_temperature=0.5).eval()

@@ -31,7 +31,8 @@ class ASH(Detector):
         percentile: pruning percentile on the paper's 0-100 scale (90 prunes 90 %). The
             authors use ASH-S@90 for ImageNet ResNet-50 and ASH-S@95 for CIFAR.
         allow_small_percentile: accept a percentile in (0, 1]. Refused by default: such a
-            value is almost always a fraction meant as a percentage (0.9 for 90).
+            value is almost always a fraction meant as a percentage (0.9 for 90). Also
+            checked when ``percentile`` is set later (e.g. by a tuning grid).
     """
 
     changes_logits = True
@@ -40,13 +41,8 @@ class ASH(Detector):
         super().__init__()
         if variant not in _SHAPERS:
             raise ValueError(f"unknown ASH variant {variant!r}; valid choices: {sorted(_SHAPERS)}")
-        check_percentile(percentile)
-        if 0 < float(percentile) <= 1 and not allow_small_percentile:
-            raise ValueError(
-                f"ASH percentile {percentile} is on the 0-100 scale, so it prunes only {percentile} % of the "
-                f"activations; did you mean {float(percentile) * 100:g}? Pass allow_small_percentile=True to keep it"
-            )
         self.allow_small_percentile = allow_small_percentile
+        self._check(percentile)
         self.variant = variant
         self.register_buffer("pruning_percentile", torch.tensor(float(percentile)))
         self._head: tuple[nn.Module, ...] = ()
@@ -62,8 +58,19 @@ class ASH(Detector):
 
     @percentile.setter
     def percentile(self, value: float) -> None:
-        check_percentile(value)
+        self._check(value)
         self.pruning_percentile.fill_(float(value))
+
+    def _check(self, percentile: float) -> None:
+        """The 0-100 scale, and no fraction mistaken for a percentage (0.9 prunes 0.9 %, not
+        90 %) unless ``allow_small_percentile``; also applied to every value set later (a
+        tuning grid, a user)."""
+        check_percentile(percentile)
+        if 0 < float(percentile) <= 1 and not self.allow_small_percentile:
+            raise ValueError(
+                f"ASH percentile {percentile} is on the 0-100 scale, so it prunes only {percentile} % of the "
+                f"activations; did you mean {float(percentile) * 100:g}? Pass allow_small_percentile=True to keep it"
+            )
 
     def skip_reason(self, head: nn.Module, num_blocks: int = 0) -> Optional[str]:
         width = getattr(head, "in_features", None)

@@ -159,3 +159,60 @@ def test_a_fraction_given_as_percentile_is_refused_unless_allowed():
         ASH("s", 0.9)
     assert ASH("s", 0.9, allow_small_percentile=True).percentile == pytest.approx(0.9)
     assert ASH("s", 0).percentile == 0 and ASH("s", 65).percentile == 65
+
+
+# ------------------------------------------------ 1x8 hand examples through a 2-class head
+#: Sum 18. At percentile 65, round(8 * 0.65) = round(5.2) = 5 values are pruned and k = 3 kept:
+#: 6, 4 and 3 (positions 4, 6, 1). At 90, round(7.2) = 7 are pruned and k = 1: only the 6.
+X8 = [0.5, 3.0, 0.0, 2.0, 6.0, 1.0, 4.0, 1.5]
+E65 = math.exp(18 / 13)  # ASH-S scale exp(s1 / s2): s1 = 18, s2 = 6 + 4 + 3 = 13
+E90 = math.exp(18 / 6)
+SHAPERS = {"p": ash_p, "b": ash_b, "s": ash_s}
+
+
+def _hand_head() -> LinearHead:
+    """logit 0 = the sum of the 8 values; logit 1 = value 4 - value 1 + 1."""
+    head = LinearHead(8, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0] = 1.0
+        head.weight[1, 4], head.weight[1, 1] = 1.0, -1.0
+        head.bias.copy_(torch.tensor([0.0, 1.0]))
+    return head
+
+
+@pytest.mark.parametrize("variant, percentile, shaped, logits", [
+    ("p", 65, [0, 3, 0, 0, 6, 0, 4, 0], [13.0, 6 - 3 + 1]),
+    ("b", 65, [0, 6, 0, 0, 6, 0, 6, 0], [18.0, 6 - 6 + 1]),                       # s1 / k = 18 / 3
+    ("s", 65, [0, 3 * E65, 0, 0, 6 * E65, 0, 4 * E65, 0], [13 * E65, 3 * E65 + 1]),
+    ("p", 90, [0, 0, 0, 0, 6, 0, 0, 0], [6.0, 7.0]),
+    ("b", 90, [0, 0, 0, 0, 18, 0, 0, 0], [18.0, 19.0]),                          # s1 / k = 18 / 1
+    ("s", 90, [0, 0, 0, 0, 6 * E90, 0, 0, 0], [6 * E90, 6 * E90 + 1]),
+])
+def test_hand_numbers_of_a_1x8_feature(variant, percentile, shaped, logits):
+    features = torch.tensor([X8])
+    detector = ASH(variant, percentile)
+    detector.attach(_hand_head())
+    out = ForwardOutputs(logits=torch.zeros(1, 2), features=features)
+    with torch.no_grad():
+        torch.testing.assert_close(SHAPERS[variant](features, percentile),
+                                   torch.tensor([shaped], dtype=torch.float32))
+        torch.testing.assert_close(detector.shaped_logits(out), torch.tensor([logits]))
+        energy = max(logits) + math.log(sum(math.exp(v - max(logits)) for v in logits))
+        torch.testing.assert_close(detector(out), torch.tensor([energy]))
+    assert torch.equal(features, torch.tensor([X8]))  # not shaped in place
+
+
+def test_a_later_fraction_is_refused_too_and_valid_values_pass():
+    detector = ASH("s", 90)
+    with pytest.raises(ValueError, match=r"did you mean 50\? Pass allow_small_percentile=True"):
+        detector.percentile = 0.5  # e.g. a tuning grid written as fractions
+    assert detector.percentile == 90.0
+    for valid in (0, 1.5, 10, 65, 95, 99, 100):
+        detector.percentile = valid
+        assert detector.percentile == valid
+    allowed = ASH("p", 1, allow_small_percentile=True)
+    allowed.percentile = 0.5
+    assert allowed.percentile == 0.5
+    with pytest.raises(ValueError, match="0-100 scale"):
+        ASH("s", 0.9, allow_small_percentile=True).percentile = 101
