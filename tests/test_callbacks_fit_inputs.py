@@ -183,10 +183,6 @@ def test_norm_ratios_are_the_jigsaw_ratios_and_differ_from_1(jigsaw_runs):
     check_norm_ratios(callback, jigsaw_pairs(recorder, datamodule))
 
 
-@pytest.mark.xfail(strict=True, reason="lightning_ood.detectors.functional.jigsaw draws its permutation with "
-                   "torch.rand in the default dtype, which Lightning sets to float64 (64-true) or bfloat16 "
-                   "(bf16-true) around the fit pass, so the same seed gives other permutations; drawing in "
-                   "float32 fixes it (then remove this marker)")
 def test_jigsaw_is_the_same_under_every_precision(jigsaw_runs, tmp_path):
     """Seeded per sample index, whatever the precision: the fit images get the tile
     permutations of the 32-true run under 64-true and bf16-true too."""

@@ -241,7 +241,7 @@ def jigsaw(images: Tensor, grid: int = 3, generator: Optional[torch.Generator] =
         raise ValueError(f"images of {height}x{width} px are too small for a {grid}x{grid} jigsaw")
     num_tiles = grid * grid
     device = generator.device if generator is not None else images.device
-    order = torch.rand(batch, num_tiles, generator=generator, device=device).argsort(dim=1)
+    order = torch.rand(batch, num_tiles, generator=generator, device=device, dtype=torch.float32).argsort(dim=1)
     order = order.to(images.device)
 
     area = images[:, :, : grid * tile_h, : grid * tile_w]
