@@ -162,7 +162,8 @@ def score_figure(name: str, scores: Sequence[Tensor], set_names: Sequence[str]) 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, (ax_hist, ax_roc) = plt.subplots(1, 2, figsize=(10, 4))
     positions, xlabel = histogram_axis(scores)
-    edges = torch.linspace(float(torch.cat(positions).min()), float(torch.cat(positions).max()) + 1e-12, 51)
+    pooled = torch.cat(positions)
+    edges = torch.linspace(float(pooled.min()), float(pooled.max()) + 1e-12, 51)
     for k, (set_name, values) in enumerate(zip(set_names, positions)):
         colour = colours[k % len(colours)]
         label = f"{set_name} (ID)" if k == 0 else set_name
