@@ -46,7 +46,7 @@ def main() -> None:
             d.attach(head)
             d.fit(FitData(features=train))
         t0 = time.perf_counter()
-        report = tune_detectors(detectors, data, FitData(features=train), weiper_grid=weiper_grid)
+        report = tune_detectors(detectors, data, FitData(features=train), {"weiper": weiper_grid})
         seconds = time.perf_counter() - t0
         grid_points = sum(len(entry["grid"]) for entry in report.values())
         rows.append([name, grid_points, f"{seconds:.2f}"])

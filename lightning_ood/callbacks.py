@@ -21,17 +21,13 @@ from tqdm.auto import tqdm
 from lightning_ood import distributed
 from lightning_ood.checks import check_number
 from lightning_ood.data.base import OODDataModule, OODSet
-from lightning_ood.detectors import DETECTOR_NAMES, Detector, FitData, ForwardOutputs, build_detector, detector_name
+from lightning_ood.detectors import (
+    Detector, FitData, ForwardOutputs, build_detector, default_detector_names, detector_name, detector_names, entry,
+)
 from lightning_ood.detectors.functional import jigsaw
 from lightning_ood.report import build_results, write_report
 from lightning_ood.runs import run_directory
-from lightning_ood.tuning import ASH_PERCENTILES, TUNING_MODES, WEIPER_GRID, TuningData, concat_outputs, is_tunable, tune_detectors
-
-#: Detectors attached when none are configured (the loss's native score is added).
-DEFAULT_DETECTORS = ("msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper", "featurenorm")
-NATIVE_SCORE = {"isomax_plus": "min_distance", "l2_norm": "penultimate_norm"}
-#: Detectors that shape the pooled features and assume them non-negative (post-ReLU).
-NONNEGATIVE_FEATURES = ("ash_p", "ash_b", "ash_s")
+from lightning_ood.tuning import TUNING_MODES, TuningData, concat_outputs, is_tunable, tune_detectors
 
 
 def dataset_family(datamodule: OODDataModule) -> str:
@@ -52,10 +48,12 @@ class OODEvaluation(pl.Callback):
     checkpoints carry them.
 
     Args:
-        detectors: plain names (``msp``, ``energy``, ``ash_s``, ``weiper``,
-            ``featurenorm`` ...) or Detector instances (YAML ``class_path``/``init_args``).
-            ``None``: MSP, MaxLogit, Energy, ASH-P/B/S, WeiPer, FeatureNorm and the loss's
-            native score (MDS for ``isomax_plus``, the penultimate norm for ``l2_norm``).
+        detectors: registered names (``msp``, ``energy``, ``ash_s``, ``weiper``,
+            ``feature_norm`` ...; :func:`lightning_ood.detectors.detector_names`), ``all``
+            for every registered detector, or Detector instances (YAML
+            ``class_path``/``init_args``). ``None``: the registry's defaults (MSP, MaxLogit,
+            Energy, ASH-P/B/S, WeiPer, FeatureNorm) and the loss's native score (MDS for
+            ``isomax_plus``, the penultimate norm for ``l2_norm``).
         fit_samples: ID training images used to fit detectors (class-balanced subset;
             ``None`` = all).
         jigsaw_seed: seed of the jigsaw permutations (FeatureNorm's NormRatio).
@@ -71,8 +69,12 @@ class OODEvaluation(pl.Callback):
             (the published values, for reproducing papers). Never uses the test sets.
         tune_samples: at most this many ID validation images are used for tuning.
         ood_val_sets: OOD validation sets for ``tune="ood_val"`` (never the test sets).
-        ash_percentiles: ASH percentile grid (0-100 scale).
-        weiper_grid: overrides of WeiPer's grid, e.g. ``{"delta": [1.2, 1.8]}``.
+        tuning_grids: detector name -> grid overrides, e.g.
+            ``{"weiper": {"delta": [1.2, 1.8]}}`` (each detector class declares its own
+            grid; see its ``tuning_grid``).
+        ash_percentiles: shortcut for the ``percentile`` grid of ``ash_p``/``ash_b``/``ash_s``
+            (0-100 scale).
+        weiper_grid: shortcut for ``tuning_grids["weiper"]``.
         save_checkpoint: write ``<output_dir>/model_with_detectors.ckpt`` (rank 0): the model,
             its fitted detectors, preprocessing and thresholds in one file for
             ``lightning_ood.load`` (also logged as a W&B artifact when W&B is the logger);
@@ -82,7 +84,7 @@ class OODEvaluation(pl.Callback):
 
     def __init__(
         self,
-        detectors: Optional[list[Union[str, Detector]]] = None,
+        detectors: Union[list[Union[str, Detector]], str, None] = None,
         fit_samples: Optional[int] = 5000,
         jigsaw_seed: int = 0,
         fpr95_positive: str = "ood",
@@ -92,33 +94,34 @@ class OODEvaluation(pl.Callback):
         tune: str = "jigsaw",
         tune_samples: Optional[int] = 1000,
         ood_val_sets: Optional[list[OODSet]] = None,
-        ash_percentiles: Sequence[float] = ASH_PERCENTILES,
+        tuning_grids: Optional[dict[str, dict[str, list[Any]]]] = None,
+        ash_percentiles: Optional[Sequence[float]] = None,
         weiper_grid: Optional[dict[str, list[float]]] = None,
         save_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         if fpr95_positive not in ("ood", "id"):
             raise ValueError(f"fpr95_positive must be 'ood' or 'id', got {fpr95_positive!r}")
+        if isinstance(detectors, str) or (detectors is not None and list(detectors) == ["all"]):
+            if detectors not in ("all", ["all"]):
+                raise ValueError(f"detectors must be a list of names, 'all' or omitted; got {detectors!r}")
+            detectors = list(detector_names())
         for d in detectors or []:
             if isinstance(d, str):
                 build_detector(d)  # fail fast on unknown names, listing the valid ones
             elif not isinstance(d, Detector):
-                raise TypeError(f"detectors must be names ({', '.join(DETECTOR_NAMES)}) or Detector instances, got {d!r}")
+                raise TypeError(f"detectors must be names ({', '.join(detector_names())}) or Detector instances, got {d!r}")
         if detectors is not None and not detectors:
             rank_zero_warn("OODEvaluation(detectors=[]): no detector is attached, the report holds only the ID "
                            "accuracy; omit `detectors` for the default list")
         check_number("fit_samples", fit_samples, 1, integer=True, optional=True)
         check_number("tune_samples", tune_samples, 1, integer=True, optional=True)
         check_number("jigsaw_seed", jigsaw_seed, 0, integer=True)
-        for percentile in ash_percentiles:
+        for percentile in ash_percentiles or ():
             # (0, 1] is almost always a fraction meant as a percentage (0.9 for 90)
             check_number("each of ash_percentiles (a 0-100 scale: 90 means 90 %)", percentile, 1, 100,
                          low_open=True, high_open=True)
-        for key, values in (weiper_grid or {}).items():
-            if key not in WEIPER_GRID:
-                raise ValueError(f"unknown weiper_grid key {key!r}; valid keys: {', '.join(WEIPER_GRID)}")
-            if not isinstance(values, (list, tuple)) or not values:
-                raise ValueError(f"weiper_grid[{key!r}] must be a non-empty list of values, got {values!r}")
+        self.tuning_grids = _tuning_grids(tuning_grids, ash_percentiles, weiper_grid)
         self.detector_specs = list(detectors) if detectors is not None else None
         self.fit_samples = fit_samples
         self.jigsaw_seed = jigsaw_seed
@@ -135,8 +138,6 @@ class OODEvaluation(pl.Callback):
         self.tune = tune
         self.tune_samples = tune_samples
         self.ood_val_sets = [v if isinstance(v, OODSet) else OODSet(**v) for v in (ood_val_sets or [])]
-        self.ash_percentiles = tuple(ash_percentiles)
-        self.weiper_grid = weiper_grid
         self.save_checkpoint = save_checkpoint
         self.checkpoint_path: Optional[str] = None
         self.tuning: dict[str, Any] = {}
@@ -170,10 +171,7 @@ class OODEvaluation(pl.Callback):
                 rank_zero_info(f"OOD set {name}: {len(dataset)} images ({groups[name]})")
         specs = self.detector_specs
         if specs is None:
-            specs = list(DEFAULT_DETECTORS)
-            native = NATIVE_SCORE.get(pl_module.hparams.get("loss", ""))
-            if native:
-                specs.append(native)
+            specs = default_detector_names(pl_module.hparams.get("loss"))
         family = dataset_family(datamodule)
         head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
         self.skipped, self._to_attach, self._configured = {}, {}, set()
@@ -228,7 +226,7 @@ class OODEvaluation(pl.Callback):
                                "(data val_size is 0): published defaults kept"} for d in tunable}
             else:
                 with torch.inference_mode(False):
-                    self.tuning = tune_detectors(tunable, data, fit_data, self.ash_percentiles, self.weiper_grid)
+                    self.tuning = tune_detectors(tunable, data, fit_data, self.tuning_grids)
         elif tunable:
             self.tuning = {detector_name(d): {"mode": "defaults", "values": "configured" if detector_name(d)
                            in self._configured else "published"} for d in tunable}
@@ -278,13 +276,17 @@ class OODEvaluation(pl.Callback):
         """One streamed pass over this rank's shard of the ID training subset."""
         loader = self._datamodule.fit_dataloader(self.fit_samples)
         need_blocks = any(d.requires_block_norms for d in pl_module.detectors.values())
-        features, block_norms, jigsaw_norms = [], [], []
+        need_labels = any(d.requires_labels for d in pl_module.detectors.values())
+        features, block_norms, jigsaw_norms, labels, logits = [], [], [], [], []
         with torch.inference_mode(), trainer.precision_plugin.forward_context():
-            for images, _, indices in tqdm(loader, desc="Fitting detectors on ID training data",
-                                     disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
+            for images, targets, indices in tqdm(loader, desc="Fitting detectors on ID training data",
+                                                 disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
                 images = trainer.precision_plugin.convert_input(images.to(pl_module.device))
                 outputs = pl_module.forward_outputs(images, with_block_norms=need_blocks)
                 features.append(outputs.features)
+                logits.append(outputs.logits)
+                if need_labels:
+                    labels.append(targets.to(pl_module.device))
                 if outputs.block_norms is not None:
                     block_norms.append(outputs.block_norms)
                 if need_jigsaw:
@@ -297,6 +299,9 @@ class OODEvaluation(pl.Callback):
             features=cat(features, (0, width)),
             block_norms=cat(block_norms, (0, blocks)) if need_blocks else None,
             jigsaw_block_norms=cat(jigsaw_norms, (0, blocks)) if need_jigsaw else None,
+            labels=(torch.cat(labels).clone() if labels else torch.zeros(0, dtype=torch.long, device=pl_module.device))
+            if need_labels else None,
+            logits=cat(logits, (0, pl_module.num_classes)),
         )
 
     def _jigsaw(self, images: Tensor, indices: Tensor) -> Tensor:
@@ -338,11 +343,12 @@ class OODEvaluation(pl.Callback):
         # every rank takes part in this reduction, so all ranks skip the same detectors
         min_feature = float(distributed.all_reduce(self._min_feature, "min"))
         if min_feature < 0:
+            detectors = list(pl_module.detectors.values())
             for i, name in enumerate(names):
-                if name in NONNEGATIVE_FEATURES:
-                    self.skipped[name] = (f"features can be negative (min {min_feature:.3g}); ASH assumes "
+                if detectors[i].assumes_nonnegative_features:
+                    self.skipped[name] = (f"features can be negative (min {min_feature:.3g}); {name} assumes "
                                           "post-ReLU features")
-            keep = [i for i in keep if names[i] not in NONNEGATIVE_FEATURES]
+            keep = [i for i in keep if not detectors[i].assumes_nonnegative_features]
         self.results = build_results(
             id_name=self._datamodule.name,
             set_names=self._loader_names(),
@@ -352,7 +358,7 @@ class OODEvaluation(pl.Callback):
             kept=keep,
             changes_logits=[d.changes_logits for d in pl_module.detectors.values()],
             skipped=self.skipped,
-            detector_info={n: describe(d) for n, d in zip(names, pl_module.detectors.values())},
+            detector_info={n: d.describe() for n, d in zip(names, pl_module.detectors.values())},
             fpr95_positive=self.fpr95_positive,
             devices=trainer.world_size,
         )
@@ -399,15 +405,26 @@ def id_threshold(id_scores: Tensor, keep_fraction: float = 0.95) -> float:
     return float(ordered[position])
 
 
-def describe(detector: Detector) -> dict[str, Any]:
-    """What a detector chose or learned, for the report (percentile, block, ratios ...)."""
-    info: dict[str, Any] = {"class": type(detector).__name__}
-    for attr in ("variant", "percentile", "n_repeats", "delta", "n_bins", "lambda1", "lambda2",
-                 "smoothing", "smoothing_perturbed", "seed"):
-        if hasattr(detector, attr):
-            info[attr] = getattr(detector, attr)
-    for buffer in ("selected_block", "num_fit_images", "ratios", "n_train"):
-        value = getattr(detector, buffer, None)
-        if isinstance(value, Tensor):
-            info[buffer] = value.tolist()
-    return info
+def _tuning_grids(grids: Optional[dict[str, dict[str, list[Any]]]], ash_percentiles: Optional[Sequence[float]],
+                  weiper_grid: Optional[dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+    """``tuning_grids`` with the two shortcuts merged in, keys checked against each
+    detector class's own grid (so a typo fails when the callback is built)."""
+    merged: dict[str, dict[str, list[Any]]] = {}
+    for name, grid in (grids or {}).items():
+        if not isinstance(grid, dict):
+            raise ValueError(f"tuning_grids[{name!r}] must map hyper-parameter names to lists of values, got {grid!r}")
+        merged[entry(name).name] = dict(grid)
+    if ash_percentiles is not None:
+        for name in ("ash_p", "ash_b", "ash_s"):
+            merged.setdefault(name, {})["percentile"] = list(ash_percentiles)
+    if weiper_grid is not None:
+        merged.setdefault("weiper", {}).update(weiper_grid)
+    for name, grid in merged.items():
+        label = "weiper_grid" if name == "weiper" and weiper_grid is not None else f"tuning_grids[{name!r}]"
+        valid = entry(name).cls.tuning_grid
+        for key, values in grid.items():
+            if key not in valid:
+                raise ValueError(f"unknown {label} key {key!r}; valid keys: {', '.join(valid) or 'none (not tunable)'}")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"{label}[{key!r}] must be a non-empty list of values, got {values!r}")
+    return merged

@@ -21,6 +21,7 @@ fits on every rank; ``write_report`` / ``save_after_evaluation`` on rank 0 sync 
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -46,3 +47,13 @@ def all_reduce(tensor: Tensor, op: str = "sum") -> Tensor:
     if is_distributed():
         dist.all_reduce(out, op=ops[op])
     return out
+
+
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Every rank's rows concatenated in rank order (shards may differ in length); a copy
+    of ``tensor`` on one process. Memory: the total number of rows on every rank."""
+    if not is_distributed():
+        return tensor.detach().clone()
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(tensor.detach().contiguous()))

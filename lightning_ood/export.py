@@ -60,12 +60,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-import lightning_ood.detectors as _detectors
 from lightning_ood import __version__
 from lightning_ood.io import atomic_write
-from lightning_ood.detectors import ASH, Detector, FeatureNorm, ForwardOutputs, WeiPer
-from lightning_ood.detectors import functional as F_det
-from lightning_ood.detectors.weiper import bin_scale, draw_perturbed_head, perturbed_msp_sum, symmetric_kl
+from lightning_ood.detectors import Detector, ForwardOutputs, detector_classes
 from lightning_ood.module import OODClassifier
 
 if TYPE_CHECKING:
@@ -93,17 +90,6 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A model file that cannot be written or read; the message names the problem and the fix."""
-
-
-def detector_classes() -> dict[str, type[Detector]]:
-    """The allow-list of detector classes a model file may name (those of
-    :mod:`lightning_ood.detectors`), by class name."""
-    classes = {}
-    for name in _detectors.__all__:
-        obj = getattr(_detectors, name)
-        if isinstance(obj, type) and issubclass(obj, Detector) and obj is not Detector:
-            classes[obj.__name__] = obj
-    return classes
 
 
 # --------------------------------------------------------------------------- the model
@@ -455,14 +441,12 @@ def _sha256(tensor: Tensor) -> str:
 
 
 def _leave_out_regenerable(classifier: OODClassifier, name: str, state: dict[str, Tensor]) -> dict[str, str]:
-    """Drop a WeiPer's ``W~, b~`` from ``state`` when re-drawing them from the classifier's
-    head gives the same bits; return their SHA-256 digests (empty when they are kept)."""
-    detector = classifier.detectors[name]
-    if not isinstance(detector, WeiPer) or detector.perturbed_weight is None:
+    """Drop the buffers a detector's ``attach`` re-draws (WeiPer's ``W~, b~``) from
+    ``state`` when re-drawing them from the classifier's head gives the same bits; return
+    their SHA-256 digests (empty when they are kept)."""
+    drawn = classifier.detectors[name].regenerable_buffers(classifier.head)
+    if not drawn:
         return {}
-    head = classifier.head
-    drawn = dict(zip(("perturbed_weight", "perturbed_bias"),
-                     draw_perturbed_head(head.weight, head.bias, detector.n_repeats, detector.delta, detector.seed)))
     digests = {buffer: _sha256(tensor) for buffer, tensor in drawn.items()}
     for buffer, digest in digests.items():
         stored = state[f"detectors.{name}.{buffer}"]  # already on the CPU
@@ -850,132 +834,27 @@ class _NotExportable(Exception):
     """A detector that cannot be exported, with the reason."""
 
 
-class _Score(nn.Module):
-    """Export-friendly scoring of one detector: constants read from its fitted buffers at
-    export time, static shapes, no value-dependent Python branches."""
-
-    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-class _DetectorScore(_Score):
-    """Any detector whose ``score`` traces as is (MSP, MaxLogit, Energy, MinDistance,
-    PenultimateNorm); the eager ``fitted`` check runs at export time instead."""
-
-    def __init__(self, detector: Detector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
-        return self.detector.score(outputs)
-
-
-class _ASHScore(_Score):
-    """ASH with its percentile as a constant (the number of kept values is a static shape)."""
-
-    _SHAPERS = {"p": F_det.ash_p, "b": F_det.ash_b, "s": F_det.ash_s}
-
-    def __init__(self, detector: ASH) -> None:
-        super().__init__()
-        self.variant, self.percentile = detector.variant, detector.percentile
-
-    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
-        return F_det.energy(head(self._SHAPERS[self.variant](outputs.features, self.percentile)))
-
-
-class _FeatureNormScore(_Score):
-    """FeatureNorm with the selected block as a constant index."""
-
-    def __init__(self, detector: FeatureNorm) -> None:
-        super().__init__()
-        self.block, self.num_blocks = int(detector.selected_block), detector.num_blocks
-        if self.block < 0:
-            raise _NotExportable("feature_norm has not selected a block (not fitted)")
-
-    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
-        norms = outputs.block_norms
-        if norms is None or norms.dim() != 2 or norms.shape[1] != self.num_blocks:
-            raise ValueError(f"feature_norm needs block_norms of shape (B, {self.num_blocks})")
-        F_det.check_finite(norms, "block norms")
-        return norms[:, self.block]
-
-
-class _WeiPerScore(_Score):
-    """WeiPer with the bin edges as constants and per-row histograms by ``scatter_add``
-    into a fixed number of bins (``bincount`` has a value-dependent output size). Same
-    operations in the same order as :meth:`WeiPer.score_features`, so the scores agree to
-    float rounding."""
-
-    def __init__(self, detector: WeiPer) -> None:
-        super().__init__()
-        if detector.perturbed_weight is None:
-            raise _NotExportable("weiper has no class projections (attach() was never called)")
-        d = detector
-        self.n_bins, self.n_repeats = d.n_bins, d.n_repeats
-        self.width, self.dim = d.perturbed_weight.shape
-        self.classes = self.width // self.n_repeats
-        self.lambda1, self.lambda2, self.eps_z, self.eps_w = d.lambda1, d.lambda2, d.eps_z, d.eps_perturbed
-        z_lo, z_hi = d.z_range.tolist()
-        w_lo, w_hi = d.wz_range.tolist()
-        self.z_bins = (z_lo, bin_scale(z_lo, z_hi, self.n_bins))
-        self.w_bins = (w_lo, bin_scale(w_lo, w_hi, self.n_bins))
-        # column blocks of whole perturbed heads, as the eager path uses them for a full chunk
-        self.step = len(d._column_blocks(d._rows_per_chunk())[0][0])
-        for name, tensor in (("weight", d.perturbed_weight), ("bias", d.perturbed_bias),
-                             ("train_hist_z", d.train_hist_z), ("train_hist_wz", d.train_hist_wz),
-                             ("smooth_z", d.smooth_z), ("smooth_wz", d.smooth_wz)):
-            self.register_buffer(name, tensor)
-
-    def _counts(self, values: Tensor, bins: tuple[float, float]) -> Tensor:
-        lo, scale = bins
-        idx = (values - lo).mul_(scale).floor_().clamp_(-1.0, float(self.n_bins)).add_(1.0).long()
-        counts = torch.zeros(values.shape[0], self.n_bins + 2, dtype=torch.int64, device=values.device)
-        return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, 1:-1]
-
-    def forward(self, outputs: ForwardOutputs, head: nn.Module) -> Tensor:
-        z = outputs.features.float()
-        F_det.check_finite(z, "WeiPer features")
-        counts_w: Optional[Tensor] = None
-        msp: Optional[Tensor] = None
-        for w, b in zip(self.weight.split(self.step), self.bias.split(self.step)):
-            logits = torch.addmm(b, z, w.t())
-            counts = self._counts(logits, self.w_bins)
-            block_msp = perturbed_msp_sum(logits, self.classes)
-            counts_w = counts if counts_w is None else counts_w + counts
-            msp = block_msp if msp is None else msp + block_msp
-        assert counts_w is not None and msp is not None
-        hist_z = self._counts(z, self.z_bins).float().mm(self.smooth_z).div_(self.dim)
-        hist_w = counts_w.float().mm(self.smooth_wz).div_(self.width)
-        d_z = symmetric_kl(self.train_hist_z, hist_z, self.eps_z)
-        d_w = symmetric_kl(self.train_hist_wz, hist_w, self.eps_w)
-        return msp.div_(self.n_repeats).mul_(self.lambda2).sub_(d_z + self.lambda1 * d_w)
-
-
-#: Detectors whose eager ``score`` reads fitted buffers as Python numbers get an
-#: export-friendly twin; every other detector is traced through its own ``score``.
-_EXPORT_SCORES: dict[type, type[_Score]] = {ASH: _ASHScore, FeatureNorm: _FeatureNormScore, WeiPer: _WeiPerScore}
-
-
-def _export_score(detector: Detector) -> _Score:
+def _check_exportable(detector: Detector) -> None:
+    """The checks ``Detector.forward`` makes eagerly, made before tracing (a buffer's
+    value cannot be read inside the trace)."""
     if not bool(detector.fitted):
         raise _NotExportable(f"{type(detector).__name__} is not fitted")
-    return _EXPORT_SCORES.get(type(detector), _DetectorScore)(detector)
 
 
 class _ExportModule(nn.Module):
-    """What the ``.pt2`` program computes: ``OODModel.forward`` with export-friendly scores."""
+    """What the ``.pt2`` program computes: ``OODModel.forward`` for the selected detectors."""
 
-    def __init__(self, classifier: OODClassifier, scores: dict[str, _Score], needs_block_norms: bool,
+    def __init__(self, classifier: OODClassifier, names: Sequence[str], needs_block_norms: bool,
                  thresholds: dict[str, float]) -> None:
         super().__init__()
         self.classifier = classifier
-        self.scores = nn.ModuleDict(scores)
+        self.names = list(names)
         self.needs_block_norms = needs_block_norms
-        self.thresholds = {n: t for n, t in thresholds.items() if n in scores}
+        self.thresholds = {n: t for n, t in thresholds.items() if n in self.names}
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         outputs = self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms)
-        scores = {name: score(outputs, self.classifier.head) for name, score in self.scores.items()}
+        scores = {name: self.classifier.detectors[name](outputs) for name in self.names}
         result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
         if self.thresholds:
             result["is_ood"] = {name: scores[name] < t for name, t in self.thresholds.items()}
@@ -985,12 +864,12 @@ class _ExportModule(nn.Module):
 class _ScoreProbe(nn.Module):
     """One detector's score alone, to find out whether (and why not) it exports."""
 
-    def __init__(self, score: _Score, head: nn.Module) -> None:
+    def __init__(self, detector: Detector) -> None:
         super().__init__()
-        self.score, self.head = score, head
+        self.detector = detector
 
     def forward(self, logits: Tensor, features: Tensor, block_norms: Optional[Tensor] = None) -> Tensor:
-        return self.score(ForwardOutputs(logits, features, block_norms), self.head)
+        return self.detector(ForwardOutputs(logits, features, block_norms))
 
 
 def _first_line(err: BaseException) -> str:
@@ -1057,14 +936,15 @@ def export_program(
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(int(example_batch), 3, height, width, generator=generator).to(device)
 
-        scores: dict[str, _Score] = {}
+        candidates: list[str] = []
         not_exported: dict[str, str] = {}
         for name, detector in model.detectors.items():
             try:
-                scores[name] = _export_score(detector)
+                _check_exportable(detector)
+                candidates.append(name)
             except _NotExportable as err:
                 not_exported[name] = str(err)
-        program, scores = _export_with_fallback(model, scores, example, not_exported)
+        program, scores = _export_with_fallback(model, candidates, example, not_exported)
 
         with torch.no_grad():
             reference = model.forward_outputs(example)
@@ -1076,7 +956,7 @@ def export_program(
                 diffs[name] = float((got["scores"][name] - expected).abs().max())
                 scale[name] = float(expected.abs().max())
         drifted = [n for n, d in diffs.items() if not d <= 1e-4 * max(1.0, scale[n])]
-        if drifted:  # an export twin disagrees with its detector: a bug, say it loudly
+        if drifted:  # the traced score disagrees with the eager one: a bug, say it loudly
             warnings.warn(f"the exported program differs from the eager model for {drifted} "
                           f"(max abs differences {[diffs[n] for n in drifted]}); please report this")
         metadata = {
@@ -1104,8 +984,8 @@ def export_program(
     return result
 
 
-def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: Tensor,
-                          not_exported: dict[str, str]) -> tuple[Any, dict[str, _Score]]:
+def _export_with_fallback(model: OODModel, names: list[str], example: Tensor,
+                          not_exported: dict[str, str]) -> tuple[Any, list[str]]:
     """Export the network with every detector's score. Detectors of other classes than
     :mod:`lightning_ood.detectors`' are probed alone first (dropped, with the reason, when
     they do not trace); if the whole export still fails, every detector is probed and the
@@ -1119,7 +999,7 @@ def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: T
         batch = Dim("batch", min=1)
         try:
             with _quiet_failures():
-                export(_ScoreProbe(scores[name], model.classifier.head),
+                export(_ScoreProbe(model.detectors[name]),
                        (outputs.logits, outputs.features, outputs.block_norms),
                        dynamic_shapes=({0: batch}, {0: batch}, None if outputs.block_norms is None else {0: batch}),
                        strict=False)
@@ -1128,20 +1008,20 @@ def _export_with_fallback(model: OODModel, scores: dict[str, _Score], example: T
             not_exported[name] = f"does not trace with torch.export ({_first_line(err)})"
             return False
 
-    def run(selected: dict[str, _Score]) -> Any:
-        needs = any(getattr(model.detectors[n], "requires_block_norms", False) for n in selected)
+    def run(selected: list[str]) -> Any:
+        needs = any(model.detectors[n].requires_block_norms for n in selected)
         module = _ExportModule(model.classifier, selected, needs, model.thresholds)
         with _quiet_failures():
             return export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},), strict=False)
 
     builtin = set(detector_classes().values())
-    selected = {n: s for n, s in scores.items() if type(model.detectors[n]) in builtin or exports_alone(n)}
+    selected = [n for n in names if type(model.detectors[n]) in builtin or exports_alone(n)]
     try:
         return run(selected), selected
     except Exception as first_error:
         if not selected:
             raise RuntimeError(f"the network itself does not export: {_first_line(first_error)}") from first_error
-    selected = {n: s for n, s in selected.items() if exports_alone(n)}
+    selected = [n for n in selected if exports_alone(n)]
     try:
         return run(selected), selected
     except Exception as err:

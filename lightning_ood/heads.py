@@ -55,6 +55,9 @@ class IsoMaxPlusHead(nn.Module):
     through its absolute value). Exact Euclidean distances, not the matmul shortcut.
     """
 
+    #: read by the minimum-distance score, which applies only to distance heads
+    logits_are_negative_distances = True
+
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
         self.in_features = in_features

@@ -9,7 +9,7 @@ import torch
 
 from lightning_ood.callbacks import OODEvaluation
 from lightning_ood.data.base import OODSet
-from lightning_ood.detectors import DETECTOR_NAMES
+from lightning_ood.detectors import detector_names
 from tests.ddp_eval_script import (DETECTORS, SIZES, PaddedRandomOODDataModule, RandomOODDataModule, SampleCounter,
                                    make_model, run_evaluation)
 
@@ -321,7 +321,7 @@ def test_ood_folder_of_images_is_evaluated(tmp_path):
 def test_unknown_detector_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown detector 'mahalanobis_typo'") as err:
         OODEvaluation(detectors=["msp", "mahalanobis_typo"])
-    for name in DETECTOR_NAMES:
+    for name in detector_names():
         assert name in str(err.value)
 
 

@@ -11,7 +11,7 @@ from lightning_ood.detectors import ASH, WeiPer
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.metrics import ood_metrics
 from lightning_ood.module import OODClassifier
-from lightning_ood.tuning import TuningData, tune_ash, tune_weiper
+from lightning_ood.tuning import TuningData, tune_detector
 
 
 def _outputs(features: torch.Tensor, head: nn.Module) -> ForwardOutputs:
@@ -42,7 +42,7 @@ def test_tune_ash_is_deterministic_and_never_worse_than_its_default(synthetic):
     for _ in range(2):
         detector = ASH("s", 95.0)
         detector.attach(head)
-        entry = tune_ash(detector, data, percentiles=(10, 50, 80, 90))
+        entry = tune_detector(detector, data, grid={"percentile": (10, 50, 80, 90)})
         choices.append(detector.percentile)
         aurocs = {row["percentile"]: row["auroc"] for row in entry["grid"]}
         assert set(aurocs) == {10, 50, 80, 90, 95}  # the default is always in the grid
@@ -60,7 +60,7 @@ def test_tie_goes_to_the_published_default(synthetic):
     same = TuningData(data.id_outputs, data.id_outputs, "jigsaw", "identical sets")  # AUROC 0.5 everywhere
     detector = ASH("b", 65.0)
     detector.attach(head)
-    tune_ash(detector, same, percentiles=(10, 50, 90))
+    tune_detector(detector, same, grid={"percentile": (10, 50, 90)})
     assert detector.percentile == 65.0
 
 
@@ -71,7 +71,7 @@ def test_tune_weiper_refits_for_the_chosen_delta(synthetic):
     detector = WeiPer.from_preset("cifar10", n_repeats=5)
     detector.attach(head)
     detector.fit(fit_data)
-    entry = tune_weiper(detector, data, fit_data, grid)
+    entry = tune_detector(detector, data, fit_data, grid)
     rows = {tuple(row[k] for k in grid): row["auroc"] for row in entry["grid"]}
     assert len(rows) == 2 * 2 + 1  # the grid plus the preset's own values
     assert rows[tuple(entry["parameters"][k] for k in grid)] == max(rows.values())

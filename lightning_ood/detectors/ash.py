@@ -8,8 +8,13 @@ from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
 from lightning_ood.detectors.functional import check_percentile, ash_b, ash_p, ash_s, energy
+from lightning_ood.detectors.registry import register
 
 _SHAPERS: dict[str, Callable[[Tensor, float], Tensor]] = {"p": ash_p, "b": ash_b, "s": ash_s}
+#: Pruning percentiles tried by the tuning (the paper's own sweep spans 10-99).
+PERCENTILE_GRID: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 65, 70, 75, 80, 85, 90, 95)
+#: The authors' configs: ImageNet ResNet-50 ASH-S@90, CIFAR ASH-S@95.
+PUBLISHED_PERCENTILE = {"*": {"percentile": 95.0}, "imagenet": {"percentile": 90.0}}
 
 
 class ASH(Detector):
@@ -24,7 +29,8 @@ class ASH(Detector):
     The head is held by an unregistered reference (inside a tuple), so its parameters
     stay out of the detector's ``state_dict``. The percentile lives in the float buffer
     ``pruning_percentile`` so checkpoints carry a tuned value; the ``percentile``
-    attribute reads and writes that buffer.
+    attribute reads and writes it through a Python copy (the number of kept values is a
+    static shape, also under ``torch.export``).
 
     Args:
         variant: ``"p"``, ``"b"`` or ``"s"`` (ASH-P, ASH-B, ASH-S).
@@ -35,7 +41,11 @@ class ASH(Detector):
             checked when ``percentile`` is set later (e.g. by a tuning grid).
     """
 
+    reads = ("features", "head")
     changes_logits = True
+    assumes_nonnegative_features = True
+    tuning_grid = {"percentile": PERCENTILE_GRID}
+    reported_attributes = ("variant", "percentile")
 
     def __init__(self, variant: str = "s", percentile: float = 90.0, allow_small_percentile: bool = False) -> None:
         super().__init__()
@@ -45,6 +55,7 @@ class ASH(Detector):
         self._check(percentile)
         self.variant = variant
         self.register_buffer("pruning_percentile", torch.tensor(float(percentile)))
+        self._percentile = float(percentile)
         self._head: tuple[nn.Module, ...] = ()
 
     @property
@@ -54,12 +65,17 @@ class ASH(Detector):
     @property
     def percentile(self) -> float:
         """Pruning percentile (0-100 scale), stored in the ``pruning_percentile`` buffer."""
-        return float(self.pruning_percentile)
+        return self._percentile
 
     @percentile.setter
     def percentile(self, value: float) -> None:
         self._check(value)
         self.pruning_percentile.fill_(float(value))
+        self._percentile = float(value)
+
+    def sync_from_buffers(self) -> None:
+        self._check(float(self.pruning_percentile))
+        self._percentile = float(self.pruning_percentile)
 
     def _check(self, percentile: float) -> None:
         """The 0-100 scale, and no fraction mistaken for a percentage (0.9 prunes 0.9 %, not
@@ -97,3 +113,7 @@ class ASH(Detector):
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, percentile={self.percentile}"
+
+
+for _variant in _SHAPERS:
+    register(f"ash_{_variant}", fixed={"variant": _variant}, defaults=PUBLISHED_PERCENTILE, default=True)(ASH)

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
 from lightning_ood.detectors.functional import check_finite, energy, max_logit, msp
-from lightning_ood.heads import IsoMaxPlusHead
+from lightning_ood.detectors.registry import register
 
 
+@register("msp", default=True)
 class MSP(Detector):
     """Maximum softmax probability.
 
@@ -31,6 +32,7 @@ class MSP(Detector):
         return msp(outputs.logits)
 
 
+@register("max_logit", aliases=("maxlogit",), default=True)
 class MaxLogit(Detector):
     """Largest logit.
 
@@ -45,6 +47,7 @@ class MaxLogit(Detector):
         return max_logit(outputs.logits)
 
 
+@register("energy", default=True)
 class Energy(Detector):
     """Negative free energy, ``logsumexp`` of the logits.
 
@@ -58,6 +61,7 @@ class Energy(Detector):
         return energy(outputs.logits)
 
 
+@register("min_distance", aliases=("mds",), native_for=("isomax_plus",))
 class MinDistance(Detector):
     """Minimum distance score of IsoMax+: ``max_j logits_j = -min_j distance_j``.
 
@@ -71,15 +75,16 @@ class MinDistance(Detector):
     name = "min_distance"
 
     def skip_reason(self, head: nn.Module, num_blocks: int = 0) -> Optional[str]:
-        if isinstance(head, IsoMaxPlusHead):
+        if getattr(head, "logits_are_negative_distances", False):
             return None
-        return f"min_distance needs an IsoMaxPlusHead, the model has a {type(head).__name__}"
+        return f"min_distance needs a distance head such as IsoMaxPlusHead, the model has a {type(head).__name__}"
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         check_finite(outputs.logits, "logits")
         return max_logit(outputs.logits)
 
 
+@register("penultimate_norm", native_for=("l2_norm",))
 class PenultimateNorm(Detector):
     """L2 norm of the pooled penultimate feature, ``||f||_2`` (NOT FeatureNorm).
 
@@ -91,6 +96,7 @@ class PenultimateNorm(Detector):
     """
 
     name = "penultimate_norm"
+    reads = ("features",)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         check_finite(outputs.features, "penultimate features")

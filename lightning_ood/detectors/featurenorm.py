@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
 from lightning_ood.detectors.functional import check_finite
+from lightning_ood.detectors.registry import register
 from lightning_ood.distributed import all_reduce
 
 #: Lower bound on a jigsaw image's FeatureNorm in the NormRatio denominator. FeatureNorms
@@ -17,6 +18,7 @@ from lightning_ood.distributed import all_reduce
 MIN_JIGSAW_NORM = 1e-6
 
 
+@register("feature_norm", aliases=("featurenorm",), default=True)
 class FeatureNorm(Detector):
     """FeatureNorm of one residual block, the block selected automatically by NormRatio.
 
@@ -25,9 +27,10 @@ class FeatureNorm(Detector):
     (:func:`~lightning_ood.detectors.functional.feature_norm`) of the selected block's
     output, read from ``ForwardOutputs.block_norms``. :meth:`fit` computes, for every
     block, NormRatio = mean over ID training images of
-    ``FeatureNorm(x) / FeatureNorm(jigsaw(x))`` and selects the block with the largest
-    ratio. All ratios, the selected block and the number of images are buffers, so they
-    are carried by checkpoints and can be reported.
+    ``FeatureNorm(x) / FeatureNorm(jigsaw(x))`` (summed over row chunks, so its working
+    memory does not grow with N) and selects the block with the largest ratio. All
+    ratios, the selected block and the number of images are buffers, so they are carried
+    by checkpoints and can be reported.
 
     Args:
         num_blocks: number of blocks in ``block_norms``; 0 until :meth:`attach` sets it
@@ -35,9 +38,10 @@ class FeatureNorm(Detector):
     """
 
     name = "feature_norm"
+    reads = ("block_norms",)
     requires_fit = True
-    requires_block_norms = True
     requires_jigsaw = True
+    reported_buffers = ("selected_block", "num_fit_images", "ratios")
 
     def __init__(self, num_blocks: int = 0) -> None:
         super().__init__()
@@ -51,6 +55,10 @@ class FeatureNorm(Detector):
         self.register_buffer("selected_block", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("num_fit_images", torch.tensor(0, dtype=torch.long))
         self.fitted.fill_(False)
+        self._block = -1
+
+    def sync_from_buffers(self) -> None:
+        self._block = int(self.selected_block)
 
     def attach(self, head: nn.Module, num_blocks: int = 0) -> None:
         """Size the buffers for ``num_blocks`` blocks.
@@ -81,29 +89,32 @@ class FeatureNorm(Detector):
             raise ValueError(
                 "feature_norm.fit needs FitData.block_norms and FitData.jigsaw_block_norms"
             )
-        originals, jigsaws = data.block_norms, data.jigsaw_block_norms
-        expected = (originals.shape[0], self.num_blocks)
-        for what, norms in (("block_norms", originals), ("jigsaw_block_norms", jigsaws)):
+        expected = (len(data), self.num_blocks)
+        for what in ("block_norms", "jigsaw_block_norms"):
+            norms = getattr(data, what)
             if tuple(norms.shape) != expected:
                 raise ValueError(
                     f"FitData.{what} has shape {tuple(norms.shape)}, expected {expected}"
                 )
             check_finite(norms, f"FitData.{what}")
 
-        ratio = originals.double() / jigsaws.double().clamp_min(MIN_JIGSAW_NORM)
-        ratio_sum = all_reduce(ratio.sum(dim=0), op="sum")
-        local_count = torch.tensor(ratio.shape[0], dtype=torch.long, device=ratio.device)
-        count = all_reduce(local_count, op="sum")
+        device = data.block_norms.device
+        ratio_sum = torch.zeros(self.num_blocks, dtype=torch.float64, device=device)
+        for chunk in data.chunks():
+            ratio_sum += (chunk.block_norms.double() / chunk.jigsaw_block_norms.double().clamp_min(MIN_JIGSAW_NORM)).sum(0)
+        ratio_sum = all_reduce(ratio_sum, op="sum")
+        count = all_reduce(torch.tensor(len(data), dtype=torch.long, device=device), op="sum")
         if int(count) == 0:
             raise ValueError("feature_norm.fit received no training images on any rank")
         mean_ratio = ratio_sum / count
         self.ratios.copy_(mean_ratio)
         self.selected_block.fill_(int(mean_ratio.argmax()))
         self.num_fit_images.fill_(int(count))
+        self.sync_from_buffers()
         super().fit(data)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
-        if int(self.selected_block) < 0:
+        if self._block < 0:
             raise RuntimeError("feature_norm has not selected a block: call fit() first")
         norms = outputs.block_norms
         if norms is None or norms.dim() != 2 or norms.shape[1] != self.num_blocks:
@@ -112,7 +123,7 @@ class FeatureNorm(Detector):
                 f"feature_norm needs block_norms of shape (B, {self.num_blocks}); got {shape}"
             )
         check_finite(norms, "block norms")
-        return norms[:, self.selected_block]
+        return norms[:, self._block]
 
     def extra_repr(self) -> str:
         return f"num_blocks={self.num_blocks}"

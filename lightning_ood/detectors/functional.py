@@ -40,8 +40,12 @@ def check_finite(tensor: Tensor, what: str) -> None:
         torch._assert_async(torch.isfinite(tensor).all(), f"{what} contain NaN or infinite values")
         return
     if not bool(torch.isfinite(tensor).all()):
+        where = ""
+        if tensor.dim() >= 1 and tensor.shape[0] > 0:
+            bad = int((~torch.isfinite(tensor.reshape(tensor.shape[0], -1))).any(dim=1).sum())
+            where = f" in {bad} of {tensor.shape[0]} rows"
         raise ValueError(
-            f"{what} contain NaN or infinite values; the model's forward pass produced "
+            f"{what} contain NaN or infinite values{where}; the model's forward pass produced "
             "non-finite outputs, so no meaningful OOD score exists for them."
         )
 

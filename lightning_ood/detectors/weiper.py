@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from lightning_ood import distributed
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
+from lightning_ood.detectors.functional import check_finite
+from lightning_ood.detectors.registry import register
 
 Features = Union[Tensor, Iterable[Tensor]]
 
@@ -46,6 +48,15 @@ PRESETS: dict[str, dict[str, float]] = {
                      smoothing=4, smoothing_perturbed=40),
     "imagenet": dict(n_repeats=100, delta=2.4, n_bins=100, lambda1=2.5, lambda2=0.25,
                      smoothing=40, smoothing_perturbed=15),
+}
+
+#: Tuning grid: brackets the authors' three presets (CIFAR-10, CIFAR-100, ImageNet).
+GRID: dict[str, tuple[float, ...]] = {
+    "delta": (1.8, 2.4),
+    "lambda1": (0.1, 1.0, 2.5),
+    "lambda2": (0.1, 0.25, 1.0),
+    "smoothing": (4, 40),
+    "smoothing_perturbed": (15, 40),
 }
 
 #: Samples processed at once when ``chunk_size`` is not given.
@@ -91,7 +102,12 @@ def bin_indices(values: Tensor, lo: float, hi: float, n_bins: int) -> Tensor:
     Returns:
         Float tensor of the same shape holding integral indices in ``[-1, n_bins]``.
     """
-    scale = bin_scale(lo, hi, n_bins)
+    return scaled_bin_indices(values, lo, bin_scale(lo, hi, n_bins), n_bins)
+
+
+def scaled_bin_indices(values: Tensor, lo: float, scale: float, n_bins: int) -> Tensor:
+    """:func:`bin_indices` with the factor of :func:`bin_scale` computed beforehand
+    (plain arithmetic on Python numbers, so it traces with ``torch.export``)."""
     return (values - lo).mul_(scale).floor_().clamp_(-1.0, float(n_bins))
 
 
@@ -107,10 +123,25 @@ def bin_counts(values: Tensor, lo: float, hi: float, n_bins: int) -> Tensor:
     Returns:
         (B, n_bins) int64 counts; divide by V for WeiPer's histograms.
     """
+    return scaled_bin_counts(values, lo, bin_scale(lo, hi, n_bins), n_bins)
+
+
+def scaled_bin_counts(values: Tensor, lo: float, scale: float, n_bins: int) -> Tensor:
+    """:func:`bin_counts` with a precomputed :func:`bin_scale` factor.
+
+    Eagerly one ``bincount`` over row-offset indices (4-5x faster than a scatter for
+    thousands of values per row); under ``torch.export``, whose programs need a static
+    output size, the same counts by ``scatter_add`` into ``n_bins + 2`` slots per row.
+    """
     rows = values.shape[0]
     slots = n_bins + 2
-    offsets = torch.arange(1, rows * slots + 1, slots, device=values.device, dtype=torch.int32)
-    idx = bin_indices(values, lo, hi, n_bins).to(torch.int32).add_(offsets.unsqueeze(1))
+    idx = scaled_bin_indices(values, lo, scale, n_bins).add_(1.0)
+    if torch.compiler.is_exporting():
+        idx = idx.long()
+        counts = torch.zeros(rows, slots, dtype=torch.int64, device=values.device)
+        return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, 1:-1]
+    offsets = torch.arange(0, rows * slots, slots, device=values.device, dtype=torch.int32)
+    idx = idx.to(torch.int32).add_(offsets.unsqueeze(1))
     counts = torch.bincount(idx.view(-1), minlength=rows * slots).view(rows, slots)
     return counts[:, 1:-1]
 
@@ -200,6 +231,8 @@ def draw_perturbed_head(weight: Tensor, bias: Optional[Tensor], n_repeats: int, 
     return perturbed.view(n_repeats * classes, dim), b.repeat(n_repeats)
 
 
+@register("weiper", default=True,
+          defaults={"*": PRESETS["cifar10"], "cifar100": PRESETS["cifar100"], "imagenet": PRESETS["imagenet"]})
 class WeiPer(Detector):
     """WeiPer+KLD detector (Granz et al., NeurIPS 2024, arXiv:2405.17164).
 
@@ -243,7 +276,12 @@ class WeiPer(Detector):
     """
 
     name = "weiper"
+    reads = ("features", "head")
     requires_fit = True
+    tuning_grid = GRID
+    reported_attributes = ("n_repeats", "delta", "n_bins", "lambda1", "lambda2", "smoothing",
+                           "smoothing_perturbed", "seed")
+    reported_buffers = ("n_train",)
 
     def __init__(
         self,
@@ -282,6 +320,7 @@ class WeiPer(Detector):
         self.eps_perturbed = float(eps_perturbed)
         self.seed = int(seed)
         self.chunk_size = chunk_size
+        self._bins: Optional[tuple[float, float, float, float]] = None  # z lo/scale, W~z lo/scale
         for buffer in ("perturbed_weight", "perturbed_bias", "z_range", "wz_range",
                        "train_hist_z", "train_hist_wz", "n_train"):
             self.register_buffer(buffer, None)
@@ -327,6 +366,23 @@ class WeiPer(Detector):
         self.smooth_z = self.smooth_z.to(device)
         self.smooth_wz = self.smooth_wz.to(device)
         self.fitted.fill_(False)
+        self._bins = None
+
+    def sync_from_buffers(self) -> None:
+        """Bin edges as Python numbers (what :meth:`score_features` reads)."""
+        if self.z_range is None or self.wz_range is None:
+            self._bins = None
+            return
+        z_lo, z_hi = self.z_range.tolist()
+        w_lo, w_hi = self.wz_range.tolist()
+        self._bins = (z_lo, bin_scale(z_lo, z_hi, self.n_bins), w_lo, bin_scale(w_lo, w_hi, self.n_bins))
+
+    def regenerable_buffers(self, head: nn.Module) -> dict[str, Tensor]:
+        """``W~, b~`` as :meth:`attach` draws them from ``head`` and the seed."""
+        if self.perturbed_weight is None or not isinstance(head, nn.Linear):
+            return {}
+        drawn = draw_perturbed_head(head.weight, head.bias, self.n_repeats, self.delta, self.seed)
+        return dict(zip(("perturbed_weight", "perturbed_bias"), drawn))
 
     def skip_reason(self, head: nn.Module, num_blocks: int = 0) -> Optional[str]:
         if isinstance(head, nn.Linear):
@@ -367,6 +423,8 @@ class WeiPer(Detector):
         for key in changed:
             setattr(self, key, types[key](values[key]))
         device = self.smooth_z.device
+        if "n_bins" in changed:
+            self.sync_from_buffers()
         if changed & {"n_bins", "smoothing"}:
             self.smooth_z = box_smoothing_matrix(self.n_bins, self.smoothing).to(device)
         if changed & {"n_bins", "smoothing_perturbed"}:
@@ -384,10 +442,11 @@ class WeiPer(Detector):
     def _rows_per_chunk(self) -> int:
         return self.chunk_size or _CHUNK_ROWS
 
-    def _column_blocks(self, rows: int) -> list[tuple[Tensor, Tensor]]:
-        """(weight, bias) slices of ``W~`` / ``b~`` holding whole perturbed heads."""
+    def _column_blocks(self) -> list[tuple[Tensor, Tensor]]:
+        """(weight, bias) slices of ``W~`` / ``b~`` holding whole perturbed heads, sized for
+        a full chunk of rows (the same slices for every batch size)."""
         classes = self.perturbed_weight.shape[0] // self.n_repeats
-        step = classes * max(1, min(self.n_repeats, _BLOCK_VALUES // (rows * classes)))
+        step = classes * max(1, min(self.n_repeats, _BLOCK_VALUES // (self._rows_per_chunk() * classes)))
         return list(zip(self.perturbed_weight.split(step), self.perturbed_bias.split(step)))
 
     def _prepare(self, batch: Tensor) -> Tensor:
@@ -397,10 +456,7 @@ class WeiPer(Detector):
             raise ValueError(f"features have D = {batch.shape[1]}, the head expects "
                              f"D = {self.perturbed_weight.shape[1]}")
         batch = batch.detach().to(self.perturbed_weight.device, torch.float32)
-        if not torch.isfinite(batch.sum()) and not bool(torch.isfinite(batch).all()):
-            bad = int((~torch.isfinite(batch)).any(dim=1).sum())
-            raise ValueError(f"WeiPer got non-finite features in {bad} of {batch.shape[0]} "
-                             "rows (NaN/inf); fix the model or drop these samples")
+        check_finite(batch, "WeiPer features")
         return batch
 
     def _chunker(self, features: Features) -> Callable[[], Iterator[Tensor]]:
@@ -443,7 +499,7 @@ class WeiPer(Detector):
         for z in chunks():
             parts = [torch.aminmax(z)]
             parts += [torch.aminmax(torch.addmm(b, z, w.t()))
-                      for w, b in self._column_blocks(len(z))]
+                      for w, b in self._column_blocks()]
             lows, highs = (torch.stack(v) for v in zip(*parts))
             extremes = torch.maximum(extremes, torch.stack(
                 [-lows[0], highs[0], -lows[1:].min(), highs[1:].max()]))
@@ -459,7 +515,7 @@ class WeiPer(Detector):
         for z in chunks():
             idx = bin_indices(z, z_lo, z_hi, n_bins).add_(1.0).to(torch.int32)
             counts[0] += torch.bincount(idx.view(-1), minlength=slots)
-            for w, b in self._column_blocks(len(z)):
+            for w, b in self._column_blocks():
                 idx = bin_indices(torch.addmm(b, z, w.t()), w_lo, w_hi, n_bins)
                 counts[1] += torch.bincount(idx.add_(1.0).to(torch.int32).view(-1),
                                             minlength=slots)
@@ -472,6 +528,7 @@ class WeiPer(Detector):
         self.train_hist_wz.copy_(totals[1] / (n * width))
         self.n_train.fill_(n)
         self.fitted.fill_(True)
+        self.sync_from_buffers()
 
     def fit(self, data: FitData) -> None:
         self.fit_features(data.features)
@@ -487,30 +544,31 @@ class WeiPer(Detector):
             (B,) float32 scores on the detector's device.
         """
         self._require_allocated()
-        if not bool(self.fitted):
+        if self._bins is None:
             raise RuntimeError("WeiPer needs ID training statistics: call fit_features() first")
-        if features.shape[0] == 0:
+        exporting = torch.compiler.is_exporting()
+        if not exporting and features.shape[0] == 0:
             return torch.zeros(0, device=self.train_hist_z.device)
-        z_lo, z_hi = self.z_range.tolist()
-        w_lo, w_hi = self.wz_range.tolist()
+        z_lo, z_scale, w_lo, w_scale = self._bins
         width, dim = self.perturbed_weight.shape
         classes = width // self.n_repeats
         scores = []
-        for chunk in features.split(self._rows_per_chunk()):
+        # row chunks bound the memory eagerly; an exported program has a symbolic batch size
+        for chunk in [features] if exporting else features.split(self._rows_per_chunk()):
             z = self._prepare(chunk)
-            counts_w = torch.zeros(len(z), self.n_bins, dtype=torch.int64, device=z.device)
-            msp = torch.zeros(len(z), device=z.device)
-            for w, b in self._column_blocks(len(z)):
+            counts_w = torch.zeros(z.shape[0], self.n_bins, dtype=torch.int64, device=z.device)
+            msp = torch.zeros(z.shape[0], device=z.device)
+            for w, b in self._column_blocks():
                 logits = torch.addmm(b, z, w.t())
-                counts_w += bin_counts(logits, w_lo, w_hi, self.n_bins)
-                msp += perturbed_msp_sum(logits, classes)
-            hist_z = bin_counts(z, z_lo, z_hi, self.n_bins).float().mm(self.smooth_z).div_(dim)
+                counts_w = counts_w + scaled_bin_counts(logits, w_lo, w_scale, self.n_bins)
+                msp = msp + perturbed_msp_sum(logits, classes)
+            hist_z = scaled_bin_counts(z, z_lo, z_scale, self.n_bins).float().mm(self.smooth_z).div_(dim)
             hist_w = counts_w.float().mm(self.smooth_wz).div_(width)
             d_z = symmetric_kl(self.train_hist_z, hist_z, self.eps_z)
             d_w = symmetric_kl(self.train_hist_wz, hist_w, self.eps_perturbed)
             msp = msp.div_(self.n_repeats)
             scores.append(self.lambda2 * msp - d_z - self.lambda1 * d_w)
-        return torch.cat(scores)
+        return scores[0] if len(scores) == 1 else torch.cat(scores)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return self.score_features(outputs.features)

@@ -316,7 +316,7 @@ def test_degenerate_inputs() -> None:
     bad = test.clone()
     bad[2, 5] = float("nan")
     bad[4, 0] = float("inf")
-    with pytest.raises(ValueError, match="non-finite features in 2 of 50"):
+    with pytest.raises(ValueError, match="WeiPer features contain NaN or infinite values in 2 of 50 rows"):
         det.score_features(bad)
     with pytest.raises(ValueError, match="non-finite"):
         _small(torch.randn(4, 16)).fit_features(bad)
