@@ -2,7 +2,7 @@
 
 With an ``OODEvaluation`` callback in the config, the run ends with the OOD report.
 """
-from lightning_ood.cli import main
+from lightning_ood.lightning.cli import main
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ def evaluation_callback(output_dir: str, **overrides: Any):
     keeps the callback's default tuning mode."""
     import inspect
 
-    from lightning_ood.callbacks import OODEvaluation
+    from lightning_ood.lightning.callback import OODEvaluation
 
     kwargs: dict[str, Any] = dict(output_dir=output_dir, plots=False)
     accepted = inspect.signature(OODEvaluation.__init__).parameters
@@ -142,7 +142,7 @@ def tune_default() -> str:
     """The callback's default ``tune`` mode ("none" for versions without tuning)."""
     import inspect
 
-    from lightning_ood.callbacks import OODEvaluation
+    from lightning_ood.lightning.callback import OODEvaluation
 
     parameter = inspect.signature(OODEvaluation.__init__).parameters.get("tune")
     return "none" if parameter is None else str(parameter.default)

@@ -20,8 +20,8 @@ import torch
 
 from _common import header_lines, markdown_table, write_section
 from lightning_ood.detectors import MSP, FitData, WeiPer
-from lightning_ood.export import load, save_with_detectors
-from lightning_ood.module import OODClassifier
+from lightning_ood.deploy import load, save_with_detectors
+from lightning_ood.lightning.module import OODClassifier
 
 
 def main() -> None:

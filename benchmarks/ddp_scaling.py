@@ -35,7 +35,7 @@ import _common  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_ood.module import OODClassifier  # noqa: E402
+from lightning_ood.lightning.module import OODClassifier  # noqa: E402
 
 COLUMNS = ("processes", "launch", "torch threads / process", "trainer.test() wall s (incl. start-up)",
            "test phase s (rank 0)", "ratio vs 1 process (wall / phase)", "max abs metric diff vs 1 process",

@@ -41,7 +41,7 @@ from torchvision import transforms as T  # noqa: E402
 
 from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet  # noqa: E402
 from lightning_ood.detectors import FeatureNorm, FitData  # noqa: E402
-from lightning_ood.module import OODClassifier  # noqa: E402
+from lightning_ood.lightning.module import OODClassifier  # noqa: E402
 
 TARGET = 1.3
 PASS_COLUMNS = ("model", "images", "plain test pass s", "test pass with every detector s", "ratio",

@@ -33,7 +33,7 @@ import _common  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_ood.module import OODClassifier  # noqa: E402
+from lightning_ood.lightning.module import OODClassifier  # noqa: E402
 
 SECTION = "quality_digits"
 LOSSES = ("ce", "isomax_plus", "l2_norm")

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from lightning_ood.module import OODClassifier  # noqa: E402
+from lightning_ood.lightning.module import OODClassifier  # noqa: E402
 
 LOSSES = ("ce", "isomax_plus", "l2_norm")
 TARGETS = {"isomax_plus": 1.05, "l2_norm": 1.02}
@@ -141,7 +141,7 @@ def head_and_loss_ms(models: dict[str, OODClassifier], args: argparse.Namespace)
             start = time.perf_counter()
             logits = model.head(x)
             if loss == "isomax_plus":
-                from lightning_ood.losses import isomax_plus_loss
+                from lightning_ood.nn.objectives import isomax_plus_loss
 
                 value = isomax_plus_loss(logits, labels, model.hparams["entropic_scale"])
             else:

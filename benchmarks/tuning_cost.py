@@ -20,7 +20,7 @@ from torch import nn
 from _common import header_lines, markdown_table, write_section
 from lightning_ood.detectors import ASH, WeiPer
 from lightning_ood.detectors.base import FitData, ForwardOutputs
-from lightning_ood.tuning import TuningData, tune_detectors
+from lightning_ood.evaluation.tuning import TuningData, tune_detectors
 
 
 def main() -> None:

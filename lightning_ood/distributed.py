@@ -3,7 +3,7 @@
 The package's rule for multi-process code (every contributor, every file):
 
 1. A collective (``all_reduce``, ``all_gather``/``gather_all_tensors``, ``strategy.broadcast``,
-   ``barrier``, ``reduce_boolean_decision``, ``trainer.log_dir``, :func:`lightning_ood.runs.run_directory`,
+   ``barrier``, ``reduce_boolean_decision``, ``trainer.log_dir``, :func:`lightning_ood.lightning.runs.run_directory`,
    and torchmetrics ``Metric.compute()`` unless built with ``sync_on_compute=False``) is called by
    **every rank or by none**, the same number of times, in the same order.
 2. Rank-0-only code (``if trainer.is_global_zero``, ``rank_zero_only``, Lightning's

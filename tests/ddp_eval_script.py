@@ -25,13 +25,13 @@ from torch.utils.data import TensorDataset
 if __package__ in (None, ""):  # run as a script: make `lightning_ood` and `tests` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.lightning.callback import OODEvaluation
 from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet
-from lightning_ood.module import OODClassifier
+from lightning_ood.lightning.module import OODClassifier
 
 NUM_CLASSES = 3
 SIZES = {"train": 41, "val": 5, "test": 23, "near_noise": 17, "far_blobs": 11}
-DETECTORS = ("msp", "energy", "ash_s", "weiper", "featurenorm")
+DETECTORS = ("msp", "energy", "ash_s", "weiper", "feature_norm")
 
 
 class RandomOODDataModule(OODDataModule):

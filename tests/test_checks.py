@@ -4,10 +4,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.lightning.callback import OODEvaluation
 from lightning_ood.checks import check_number
 from lightning_ood.data import DigitsDataModule
-from lightning_ood.module import OODClassifier
+from lightning_ood.lightning.module import OODClassifier
 
 
 def test_check_number_ranges_and_types():
@@ -94,7 +94,7 @@ def test_the_projects_own_deprecations_are_not_silenced():
 def test_zero_epochs_warn_before_training():
     from types import SimpleNamespace
 
-    from lightning_ood.cli import OODCLI
+    from lightning_ood.lightning.cli import OODCLI
 
     trainer = pl.Trainer(accelerator="cpu", max_epochs=0, logger=False, enable_progress_bar=False)
     with pytest.warns(UserWarning, match="max_epochs is 0: nothing is trained"):

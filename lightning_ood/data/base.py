@@ -1,63 +1,30 @@
-"""Shared machinery of the datamodules: indexed samples, OOD set declarations, loaders."""
+"""Shared machinery of the datamodules: the OODDataModule base class and its loaders.
+
+The small pieces it shares with the other modules (``OODSet``, ``IndexedDataset``, the
+checks and transforms) live in :mod:`lightning_ood.data.sets` and are re-exported here.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
-from torchvision import transforms as T
 
 from lightning_ood.checks import check_number
+from lightning_ood.data.device_loader import device_train_loader
+from lightning_ood.data.ood import build_ood_set, register_named_ood_sets
+from lightning_ood.data.sets import (
+    MAX_SEED, OOD_LABEL, IndexedDataset, OODSet, check_mean_std, check_val_size, class_balanced_subset,
+    imagenet_transforms, small_image_transforms,
+)
 from lightning_ood.distributed import is_distributed, rank_and_world
 
-OOD_LABEL = -1
-#: Largest seed (``seed_everything``'s range is 0 .. 2**32 - 1).
-MAX_SEED = 2**32 - 1
-
-
-@dataclass
-class OODSet:
-    """An OOD test set: a known dataset ``name`` or a folder ``path`` of images.
-
-    Args:
-        name: dataset name (see :func:`lightning_ood.data.ood.known_ood_sets`) or, with
-            ``path``, the label used in reports.
-        group: ``near`` or ``far`` (OpenOOD v1.5 grouping).
-        path: folder of images (searched recursively), e.g. Textures or Places365 copies.
-    """
-
-    name: str
-    group: Literal["near", "far"] = "far"
-    path: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.group not in ("near", "far"):
-            raise ValueError(f"OOD set {self.name!r}: group must be 'near' or 'far', got {self.group!r}")
-
-
-class IndexedDataset(Dataset):
-    """Wraps a dataset so every sample is ``(image, label, index)``.
-
-    ``index`` is the position in this dataset; it lets the evaluation drop the duplicates
-    that distributed samplers pad in. ``label`` is ``OOD_LABEL`` (-1) when ``ood``.
-    """
-
-    def __init__(self, dataset: Dataset, transform: Optional[Callable] = None, ood: bool = False) -> None:
-        self.dataset = dataset
-        self.transform = transform
-        self.ood = ood
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        image, label = self.dataset[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, (OOD_LABEL if self.ood else int(label)), index
+__all__ = [
+    "MAX_SEED", "OOD_LABEL", "IndexedDataset", "OODDataModule", "OODSet", "UnpaddedDistributedSampler",
+    "check_mean_std", "check_val_size", "class_balanced_subset", "imagenet_transforms", "small_image_transforms",
+]
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -75,61 +42,6 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(range(self.rank, self.total_size, self.num_replicas))
-
-
-def check_mean_std(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> None:
-    """Raise a ValueError unless ``mean`` and ``std`` hold ``channels`` finite numbers each,
-    every ``std`` > 0 (a zero std divides by zero in ``Normalize``)."""
-    for name, values in (("mean", mean), ("std", std)):
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != channels:
-            raise ValueError(f"{name} must be {channels} numbers (one per channel), got {values!r}")
-    for c in range(channels):
-        check_number(f"mean[{c}]", mean[c])
-        check_number(f"std[{c}]", std[c], 0, low_open=True)
-
-
-def check_val_size(val_size: int, n_train: int) -> None:
-    """Raise a ValueError unless holding out ``val_size`` of ``n_train`` images leaves some to train on."""
-    if val_size >= n_train:
-        raise ValueError(f"val_size must be < {n_train} (the number of ID training images), got {val_size}: "
-                         "it would leave no image to train on; lower val_size")
-
-
-def small_image_transforms(mean: Sequence[float], std: Sequence[float], size: int = 32) -> tuple[Callable, Callable]:
-    """(train, test) transforms for CIFAR-size images: random crop (pad 4) + flip."""
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), *normalize])
-    test = T.Compose([T.Resize(size), T.CenterCrop(size), *normalize])
-    return train, test
-
-
-def imagenet_transforms(mean: Sequence[float], std: Sequence[float], size: int = 224) -> tuple[Callable, Callable]:
-    """(train, test) transforms for ImageNet-size images: RandomResizedCrop + flip."""
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *normalize])
-    test = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *normalize])
-    return train, test
-
-
-def class_balanced_subset(labels: Tensor, max_samples: Optional[int], seed: int = 0) -> Tensor:
-    """Indices of at most ``max_samples`` samples, as equal per class as possible.
-
-    ``None`` or a size >= len(labels) keeps everything. Deterministic for ``seed``.
-    """
-    check_number("max_samples", max_samples, 1, integer=True, optional=True)
-    n = len(labels)
-    if max_samples is None or max_samples >= n:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    shuffled = labels[order]
-    # rank of each sample within its class in the shuffled order; take round-robin by rank
-    rank_in_class = torch.zeros(n, dtype=torch.long)
-    for c in shuffled.unique():
-        members = (shuffled == c).nonzero().squeeze(1)
-        rank_in_class[members] = torch.arange(len(members))
-    picked = order[torch.argsort(rank_in_class * n + torch.arange(n), stable=True)[:max_samples]]
-    return picked.sort().values
 
 
 class OODDataModule(pl.LightningDataModule):
@@ -214,9 +126,26 @@ class OODDataModule(pl.LightningDataModule):
 
     def build_ood(self, spec: OODSet) -> IndexedDataset:
         """The IndexedDataset of one OOD set, with this datamodule's test transform."""
-        from lightning_ood.data.ood import build_ood_set
-
         return build_ood_set(spec, self)
+
+    @classmethod
+    def named_ood_sets(cls) -> tuple[str, ...]:
+        """Names of the OOD sets that only this datamodule (and its subclasses) provides,
+        through :meth:`named_ood_set`; none by default. A subclass that overrides this
+        adds its names to :func:`~lightning_ood.data.ood.known_ood_sets`, and asking
+        another datamodule for one of them is an error naming this datamodule."""
+        return ()
+
+    def named_ood_set(self, name: str) -> Optional[Dataset]:
+        """The ``(image, label)`` dataset of this datamodule's own OOD set ``name`` (one of
+        :meth:`named_ood_sets`), images as its test transform takes them; ``None`` for any
+        other name (then the torchvision sets are tried)."""
+        return None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "named_ood_sets" in cls.__dict__:
+            register_named_ood_sets(cls.name or cls.__name__, cls.named_ood_sets())
 
     def test_transform(self) -> Callable:
         raise NotImplementedError
@@ -273,8 +202,6 @@ class OODDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> Union[DataLoader, Iterable]:
         assert self.train_set is not None
         if self.device_loader:
-            from lightning_ood.data.device_loader import device_train_loader
-
             loader = device_train_loader(self)
             if loader is not None:
                 return loader

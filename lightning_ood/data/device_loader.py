@@ -33,7 +33,7 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from lightning_ood.checks import check_number
-from lightning_ood.data.base import check_mean_std
+from lightning_ood.data.sets import check_mean_std
 from lightning_ood.distributed import rank_and_world
 
 Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, sample indices

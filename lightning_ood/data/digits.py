@@ -12,11 +12,15 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
 from lightning_ood.checks import check_number
-from lightning_ood.data.base import IndexedDataset, OODDataModule, OODSet, check_val_size
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.sets import IndexedDataset, OODSet, check_val_size
+
+#: The OOD sets only this datamodule provides (:meth:`DigitsDataModule.named_ood_set`).
+DIGITS_OOD = ("digits_heldout", "photo_patches")
 
 
 def load_digit_images(size: int = 32) -> tuple[Tensor, Tensor]:
@@ -141,6 +145,20 @@ class DigitsDataModule(OODDataModule):
             "test": IndexedDataset(subset(test_idx), plain),
             "train_labels": remap[self._labels[train_idx]],
         }
+
+    @classmethod
+    def named_ood_sets(cls) -> tuple[str, ...]:
+        return DIGITS_OOD
+
+    def named_ood_set(self, name: str) -> Optional[Dataset]:
+        """``digits_heldout``: the digits not in ``id_classes`` (near-OOD); ``photo_patches``:
+        500 patches of scikit-learn's two photographs, seeded by ``seed`` (far-OOD)."""
+        if name == "digits_heldout":
+            return self.heldout_digits()
+        if name == "photo_patches":
+            patches = photo_patches(500, self.image_size, self.seed)
+            return TensorDataset(patches, patches.new_zeros(len(patches)))
+        return super().named_ood_set(name)
 
     def heldout_digits(self) -> TensorDataset:
         """All images of the digits not in ``id_classes`` (the near-OOD set)."""

@@ -8,9 +8,8 @@ import torch
 from torchvision import datasets
 
 from lightning_ood.checks import check_number
-from lightning_ood.data.base import (
-    OODDataModule, OODSet, check_mean_std, imagenet_transforms, small_image_transforms,
-)
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.sets import OODSet, check_mean_std, imagenet_transforms, small_image_transforms
 
 
 def _image_folder(path: str) -> datasets.ImageFolder:

@@ -1,28 +1,66 @@
-"""Building OOD test sets by name or folder path."""
+"""Building OOD test sets by name or folder path.
+
+Imports only the leaves :mod:`lightning_ood.data.sets` and
+:mod:`lightning_ood.data.torchvision_files`: the datamodules (which build their OOD sets
+here) import this module, never the other way round. Sets that only one datamodule
+provides (the digits' ``digits_heldout``, ``photo_patches``) come from that datamodule's
+``named_ood_set``; their names are registered here when its class is defined.
+"""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Iterable, Optional, Protocol
 
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from lightning_ood.data.base import IndexedDataset, OODSet
-from lightning_ood.data.torchvision_sets import TORCHVISION_SETS
-
-if TYPE_CHECKING:
-    from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.sets import IndexedDataset, OODSet
+from lightning_ood.data.torchvision_files import TORCHVISION_SETS, open_torchvision
 
 TORCHVISION_OOD = tuple(TORCHVISION_SETS)
-DIGITS_OOD = ("digits_heldout", "photo_patches")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+#: OOD set name -> the datamodule (its ``name``) that provides it through ``named_ood_set``,
+#: in registration (class definition) order.
+_NAMED_OOD_SETS: dict[str, str] = {}
+
+
+class OODSource(Protocol):
+    """What :func:`build_ood_set` reads of a datamodule (an
+    :class:`~lightning_ood.data.base.OODDataModule`)."""
+
+    root: str
+    download: bool
+    image_size: int
+
+    def test_transform(self) -> Callable: ...
+
+    def folder_transform(self) -> Callable: ...
+
+    def named_ood_set(self, name: str) -> Optional[Dataset]: ...
+
+
+def register_named_ood_sets(datamodule: str, names: Iterable[str]) -> None:
+    """Record that the datamodule called ``datamodule`` provides the OOD sets ``names``
+    (``OODDataModule`` subclasses overriding ``named_ood_sets`` do so when defined). A name
+    already registered keeps its first datamodule."""
+    for name in names:
+        _NAMED_OOD_SETS.setdefault(name, datamodule)
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # ``DIGITS_OOD`` used to be defined here; it now lives in lightning_ood.data.digits (which
+    # registers it). Still importable from here, read off the registry.
+    if name == "DIGITS_OOD":
+        return tuple(n for n, datamodule in _NAMED_OOD_SETS.items() if datamodule == "digits")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def known_ood_sets() -> tuple[str, ...]:
     """Names accepted without a ``path``."""
-    return TORCHVISION_OOD + DIGITS_OOD
+    return TORCHVISION_OOD + tuple(n for n in _NAMED_OOD_SETS if n not in TORCHVISION_OOD)
 
 
 class ImageFiles(Dataset):
@@ -85,7 +123,7 @@ def undecodable(file: str) -> Optional[str]:
     return None
 
 
-def build_ood_set(spec: OODSet, datamodule: "OODDataModule") -> IndexedDataset:
+def build_ood_set(spec: OODSet, datamodule: OODSource) -> IndexedDataset:
     """The OOD set ``spec`` with ``datamodule``'s test transform (its ``folder_transform``
     for a folder). A missing or empty folder, a file that does not decode, or an unknown
     name fails here, before any compute."""
@@ -99,26 +137,20 @@ def build_ood_set(spec: OODSet, datamodule: "OODDataModule") -> IndexedDataset:
         except ValueError as err:
             raise ValueError(f"OOD set {spec.name!r}: {err}, or point `path` elsewhere") from None
         return IndexedDataset(files, _checked_folder_transform(spec, datamodule, files), ood=True)
-    if spec.name in DIGITS_OOD:
-        from lightning_ood.data.digits import DigitsDataModule, photo_patches
-
-        if not isinstance(datamodule, DigitsDataModule):
-            raise ValueError(f"OOD set {spec.name!r} is only defined for the digits datamodule")
-        if spec.name == "digits_heldout":
-            return IndexedDataset(datamodule.heldout_digits(), test_transform, ood=True)
-        patches = photo_patches(500, datamodule.image_size, datamodule.seed)
-        return IndexedDataset(TensorDataset(patches, patches.new_zeros(len(patches))), test_transform, ood=True)
+    dataset = datamodule.named_ood_set(spec.name)
+    if dataset is not None:
+        return IndexedDataset(dataset, test_transform, ood=True)
     if spec.name in TORCHVISION_OOD:
-        from lightning_ood.data.torchvision_sets import open_torchvision
-
         dataset = open_torchvision(spec.name, datamodule.root, train=False, download=datamodule.download)
         return IndexedDataset(dataset, T.Compose([_to_rgb, test_transform]), ood=True)
+    if spec.name in _NAMED_OOD_SETS:
+        raise ValueError(f"OOD set {spec.name!r} is only defined for the {_NAMED_OOD_SETS[spec.name]} datamodule")
     raise ValueError(
         f"unknown OOD set {spec.name!r}: give a folder with `path:` or one of {', '.join(known_ood_sets())}"
     )
 
 
-def _checked_folder_transform(spec: OODSet, datamodule: "OODDataModule", files: ImageFiles) -> Callable:
+def _checked_folder_transform(spec: OODSet, datamodule: OODSource, files: ImageFiles) -> Callable:
     """``datamodule.folder_transform()``, once tried on the folder's first image: it must give
     a (C, image_size, image_size) float tensor, so a datamodule whose transform does not take
     PIL images fails at set-up, not after training."""

@@ -1,15 +1,19 @@
 """CIFAR-10, CIFAR-100 and SVHN as ID datamodules (torchvision datasets)."""
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets
 
-from lightning_ood.data.base import OODDataModule, OODSet, check_mean_std, small_image_transforms
+from lightning_ood.data.base import OODDataModule
+from lightning_ood.data.sets import OODSet, check_mean_std, small_image_transforms
+# re-exported: importable (and patchable, as the tests do) here; the datamodules below read
+# ``open_torchvision`` from this module's namespace
+from lightning_ood.data.torchvision_files import TORCHVISION_SETS, open_torchvision
+
+__all__ = ["CIFAR100DataModule", "CIFAR10DataModule", "SVHNDataModule", "TORCHVISION_SETS", "open_torchvision"]
 
 
 def _labels_of(dataset: Dataset) -> Tensor:
@@ -17,35 +21,6 @@ def _labels_of(dataset: Dataset) -> Tensor:
     if labels is None:
         labels = getattr(dataset, "labels")
     return torch.as_tensor(labels, dtype=torch.long)
-
-
-def _split(train: bool) -> str:
-    return "train" if train else "test"
-
-
-#: Our name -> the torchvision dataset, opened from ``(root, train, download)``.
-TORCHVISION_SETS: dict[str, Callable[[str, bool, bool], Dataset]] = {
-    "cifar10": lambda root, train, download: datasets.CIFAR10(root, train=train, download=download),
-    "cifar100": lambda root, train, download: datasets.CIFAR100(root, train=train, download=download),
-    "svhn": lambda root, train, download: datasets.SVHN(root, split=_split(train), download=download),
-    "mnist": lambda root, train, download: datasets.MNIST(root, train=train, download=download),
-    "fashion_mnist": lambda root, train, download: datasets.FashionMNIST(root, train=train, download=download),
-    "textures": lambda root, train, download: datasets.DTD(root, split=_split(train), download=download),
-    "places365": lambda root, train, download: datasets.Places365(root, split="val", small=True, download=download),
-}
-
-
-def open_torchvision(name: str, root: str, train: bool, download: bool) -> Dataset:
-    """A torchvision dataset by our name, with a clear error when it is not on disk."""
-    if name not in TORCHVISION_SETS:
-        raise ValueError(f"unknown torchvision dataset {name!r}")
-    try:
-        return TORCHVISION_SETS[name](root, train, download)
-    except RuntimeError as err:
-        raise FileNotFoundError(
-            f"dataset {name!r} not found under {os.path.abspath(root)} ({err}); "
-            "pass --data.download true to fetch it, or --data.root to point at your copy"
-        ) from err
 
 
 class _TorchvisionDataModule(OODDataModule):

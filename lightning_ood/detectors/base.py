@@ -104,7 +104,7 @@ class Detector(nn.Module):
     * ``assumes_nonnegative_features``: meant for post-ReLU pooled features; the
       evaluation drops it (with the reason) when the features can be negative.
     * ``tuning_grid``: hyper-parameter name -> values tried by
-      :mod:`lightning_ood.tuning` (empty: not tunable); the current values come from
+      :mod:`lightning_ood.evaluation.tuning` (empty: not tunable); the current values come from
       :meth:`hyperparameters` and change through :meth:`set_hyperparameters`.
     * ``reported_attributes`` / ``reported_buffers``: what :meth:`describe` puts in the
       report.

@@ -67,7 +67,7 @@ class MinDistance(Detector):
 
     Macêdo & Ludermir, "Enhanced Isotropy Maximization Loss: Seamless and High-Performance
     Out-of-Distribution Detection Simply Replacing the SoftMax Loss", arXiv:2105.14399
-    (2021). Only meaningful for an :class:`~lightning_ood.heads.IsoMaxPlusHead`, whose
+    (2021). Only meaningful for an :class:`~lightning_ood.nn.heads.IsoMaxPlusHead`, whose
     logits are negative distances; the entropic scale is a training-only factor and is
     not applied.
     """

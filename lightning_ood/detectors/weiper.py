@@ -406,7 +406,7 @@ class WeiPer(Detector):
                              f"(C, D) = {expected} this WeiPer was built for")
 
     def set_hyperparameters(self, **values: float) -> bool:
-        """Change hyper-parameters in place (used by :mod:`lightning_ood.tuning`).
+        """Change hyper-parameters in place (used by :mod:`lightning_ood.evaluation.tuning`).
 
         Returns ``True`` when the training statistics are now stale and :meth:`fit` must
         run again: ``delta``, ``n_repeats`` or ``seed`` redraw ``W~`` from the same head,

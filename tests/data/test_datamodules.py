@@ -144,6 +144,38 @@ def test_ood_set_errors_on_digits():
     assert "photo_patches" in known_ood_sets() and "textures" in known_ood_sets()
 
 
+def test_known_ood_sets_lists_the_torchvision_then_the_digits_sets():
+    assert known_ood_sets() == ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "textures", "places365",
+                                "digits_heldout", "photo_patches")
+    assert DigitsDataModule.named_ood_sets() == ("digits_heldout", "photo_patches")
+    assert CIFAR10DataModule.named_ood_sets() == ()
+
+
+@pytest.mark.parametrize("name", ["digits_heldout", "photo_patches"])
+def test_digits_ood_sets_on_another_datamodule_name_the_digits_datamodule(name, tmp_path):
+    dm = CIFAR10DataModule(root=str(tmp_path), ood_sets=[OODSet(name)])
+    assert dm.named_ood_set(name) is None
+    with pytest.raises(ValueError, match=f"OOD set '{name}' is only defined for the digits datamodule"):
+        dm.build_ood(dm.ood_sets[0])
+
+
+def test_a_datamodule_supplies_its_own_named_ood_set(digits):
+    """``named_ood_set`` is asked first; its dataset gets the test transform and OOD labels."""
+    class WithNoise(DigitsDataModule):
+        def named_ood_set(self, name):
+            if name == "noise":
+                return torch.utils.data.TensorDataset(torch.rand(7, 3, 32, 32), torch.zeros(7))
+            return super().named_ood_set(name)
+
+    dm = WithNoise(id_classes=(2, 5, 7), val_size=50, seed=3,
+                   ood_sets=[OODSet("noise"), OODSet("digits_heldout", "near")])
+    dm.setup("test")
+    noise = dm.ood_test_sets["noise"]
+    assert len(noise) == 7 and {noise[i][1] for i in range(7)} == {OOD_LABEL}
+    assert torch.equal(_raw(dm.ood_test_sets["digits_heldout"])[0], _raw(digits.ood_test_sets["digits_heldout"])[0])
+    assert "noise" not in known_ood_sets()  # only an override of named_ood_sets registers names
+
+
 # ---------------------------------------------------------------------- class balance
 def test_class_balanced_subset_balance():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)[torch.randperm(85, generator=torch.Generator().manual_seed(0))]

@@ -12,7 +12,7 @@ from lightning_ood.data import DigitsDataModule
 from lightning_ood.data import torchvision_sets
 from lightning_ood.data.base import small_image_transforms
 from lightning_ood.data.device_loader import Augmentation, DeviceLoader, augmentation_of
-from lightning_ood.module import OODClassifier
+from lightning_ood.lightning.module import OODClassifier
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -7,7 +7,7 @@ from torch import nn
 from lightning_ood.detectors.ash import ASH
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.functional import ash_b, ash_p, ash_s
-from lightning_ood.heads import IsoMaxPlusHead, LinearHead
+from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
 
 
 def _outputs(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:

@@ -5,7 +5,7 @@ import torch
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
 from lightning_ood.detectors.baselines import MSP, Energy, MaxLogit, MinDistance, PenultimateNorm
-from lightning_ood.heads import IsoMaxPlusHead, L2NormalizedHead, LinearHead
+from lightning_ood.nn.heads import IsoMaxPlusHead, L2NormalizedHead, LinearHead
 
 ALL = [MSP, MaxLogit, Energy, MinDistance, PenultimateNorm]
 

@@ -3,7 +3,7 @@ import torch
 
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.featurenorm import MIN_JIGSAW_NORM, FeatureNorm
-from lightning_ood.heads import LinearHead
+from lightning_ood.nn.heads import LinearHead
 
 HEAD = LinearHead(4, 2)
 

@@ -21,7 +21,7 @@ from lightning_ood.detectors.weiper import (
     perturbed_msp_sum,
     symmetric_kl,
 )
-from lightning_ood.heads import IsoMaxPlusHead, LinearHead
+from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
 
 
 # --------------------------------------------------------------------------- reference
