@@ -304,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{(time.perf_counter() - started) / 60:.1f} min; 1-min load average at start "
         f"{load:.2f}, at end {load_average():.2f}",
         f"- command: `{command.strip()}`",
-        "- random ReLU'd Gaussian features; presets from METHODS.md (r = 100, 100 bins); "
+        "- random ReLU'd Gaussian features; presets from docs/methods.md (r = 100, 100 bins); "
         "best of several runs; fit reads the data twice (global min/max, then bin counts)",
         "- samples/s (wall) suffers from other jobs on this shared machine (see the load "
         "average); samples/CPU-s counts only the CPU time of this process (all threads), "

@@ -1,7 +1,7 @@
 """lightning_ood: PyTorch Lightning image classifiers that know when they don't know."""
 from typing import Any
 
-__version__ = "0.1.0"
+from lightning_ood.version import __version__
 
 
 def load(path: Any, map_location: Any = None) -> Any:

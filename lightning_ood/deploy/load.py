@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_ood import __version__
+from lightning_ood.version import __version__
 from lightning_ood.detectors import Detector, detector_classes
 from lightning_ood.deploy.format import CHECKPOINT_NAME, CheckpointError, FORMAT, FORMAT_VERSION, PathLike, sha256_of
 from lightning_ood.deploy.model import OODModel

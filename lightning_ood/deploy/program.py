@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_ood import __version__
+from lightning_ood.version import __version__
 from lightning_ood.io import atomic_write
 from lightning_ood.detectors import Detector, ForwardOutputs, detector_classes
 from lightning_ood.deploy.format import FORMAT, FORMAT_VERSION, PROGRAM_METADATA, PathLike, first_line

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_ood import __version__
+from lightning_ood.version import __version__
 from lightning_ood.io import atomic_write
 from lightning_ood.detectors import detector_classes
 from lightning_ood.deploy.format import CheckpointError, FORMAT, FORMAT_VERSION, PathLike, check_preprocessing, check_thresholds, plain_value, sha256_of

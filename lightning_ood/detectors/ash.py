@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
-from lightning_ood.detectors.functional import check_percentile, ash_b, ash_p, ash_s, energy
+from lightning_ood.detectors.functional import ash_b, ash_p, ash_s, check_percentile, energy, head_logits
 from lightning_ood.detectors.registry import register
 
 _SHAPERS: dict[str, Callable[[Tensor, float], Tensor]] = {"p": ash_p, "b": ash_b, "s": ash_s}
@@ -102,11 +102,7 @@ class ASH(Detector):
         if not self._head:
             raise RuntimeError(f"{self.name} has no classification head: call attach(head) first")
         shaped = _SHAPERS[self.variant](outputs.features, self.percentile)
-        head = self._head[0]
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, Tensor) and weight.dtype != shaped.dtype:  # e.g. a bf16-true model
-            return head(shaped.to(weight.dtype)).to(shaped.dtype)
-        return head(shaped)
+        return head_logits(self._head[0], shaped)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

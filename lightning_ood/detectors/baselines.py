@@ -61,7 +61,7 @@ class Energy(Detector):
         return energy(outputs.logits)
 
 
-@register("min_distance", aliases=("mds",), native_for=("isomax_plus",))
+@register("min_distance", aliases=("mds",))
 class MinDistance(Detector):
     """Minimum distance score of IsoMax+: ``max_j logits_j = -min_j distance_j``.
 
@@ -84,7 +84,7 @@ class MinDistance(Detector):
         return max_logit(outputs.logits)
 
 
-@register("penultimate_norm", native_for=("l2_norm",))
+@register("penultimate_norm")
 class PenultimateNorm(Detector):
     """L2 norm of the pooled penultimate feature, ``||f||_2`` (NOT FeatureNorm).
 

@@ -161,6 +161,15 @@ def ash_s(x: Tensor, percentile: float) -> Tensor:
     return (pruned * torch.exp(exponent).unsqueeze(1)).reshape(x.shape)
 
 
+def head_logits(head: "torch.nn.Module", features: Tensor) -> Tensor:
+    """``head(features)`` computed in the head's own dtype (e.g. a bf16-true model) and
+    returned in the features' dtype, for detectors that re-run the head on shaped features."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dtype != features.dtype:
+        return head(features.to(weight.dtype)).to(features.dtype)
+    return head(features)
+
+
 def energy(logits: Tensor) -> Tensor:
     """Negative free energy ``logsumexp_c logits_c`` (Liu et al., NeurIPS 2020).
 

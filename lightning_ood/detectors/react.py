@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
-from lightning_ood.detectors.functional import check_finite, energy
+from lightning_ood.detectors.functional import check_finite, energy, head_logits
 from lightning_ood.detectors.registry import register
 from lightning_ood.distributed import all_gather_rows
 
@@ -155,11 +155,7 @@ class ReAct(Detector):
         features = outputs.features
         self._check_features(features, "features")
         clipped = features.clamp(max=self.threshold.to(features.dtype))
-        head = self._head[0]
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, Tensor) and weight.dtype != clipped.dtype:  # e.g. a bf16-true model
-            return head(clipped.to(weight.dtype)).to(clipped.dtype)
-        return head(clipped)
+        return head_logits(self._head[0], clipped)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

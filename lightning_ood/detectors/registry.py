@@ -35,7 +35,6 @@ class DetectorEntry:
         defaults: family -> constructor arguments (published defaults); ``"*"`` for others.
         aliases: other accepted spellings.
         default: part of ``OODEvaluation``'s default list.
-        native_for: training objectives whose native score this is (added by default).
     """
 
     name: str
@@ -44,7 +43,6 @@ class DetectorEntry:
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     default: bool = False
-    native_for: tuple[str, ...] = ()
 
     def arguments(self, family: str = "cifar10") -> dict[str, Any]:
         """Constructor arguments of this name for a dataset family."""
@@ -61,7 +59,7 @@ _ALIASES: dict[str, str] = {}
 
 def register(name: str, *, fixed: Optional[Mapping[str, Any]] = None,
              defaults: Optional[Mapping[str, Mapping[str, Any]]] = None, aliases: tuple[str, ...] = (),
-             default: bool = False, native_for: tuple[str, ...] = ()) -> Callable[[D], D]:
+             default: bool = False) -> Callable[[D], D]:
     """Class decorator adding a detector class to the registry under ``name``."""
 
     def decorate(cls: D) -> D:
@@ -72,7 +70,7 @@ def register(name: str, *, fixed: Optional[Mapping[str, Any]] = None,
         if taken:
             raise ValueError(f"detector name(s) {taken} already registered")
         _REGISTRY[key] = DetectorEntry(key, cls, dict(fixed or {}), {k: dict(v) for k, v in (defaults or {}).items()},
-                                       tuple(aliases), default, tuple(native_for))
+                                       tuple(aliases), default)
         for alias in aliases:
             _ALIASES[alias.lower()] = key
         return cls
@@ -99,11 +97,10 @@ def detector_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def default_detector_names(objective: Optional[str] = None) -> list[str]:
-    """``OODEvaluation``'s default list: the registered defaults, plus the native score
-    of the training objective (e.g. ``min_distance`` for ``isomax_plus``)."""
-    names = [n for n, e in _REGISTRY.items() if e.default]
-    return names + [n for n, e in _REGISTRY.items() if objective and objective in e.native_for]
+def default_detector_names() -> list[str]:
+    """The registered defaults (``OODEvaluation`` adds the training objective's native
+    score, :func:`lightning_ood.nn.objectives.native_score`)."""
+    return [n for n, e in _REGISTRY.items() if e.default]
 
 
 def detector_classes() -> dict[str, type]:

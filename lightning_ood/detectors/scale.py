@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
-from lightning_ood.detectors.functional import _keep_top, check_finite, check_percentile, energy
+from lightning_ood.detectors.functional import _keep_top, check_finite, check_percentile, energy, head_logits
 from lightning_ood.detectors.registry import register
 
 #: The authors' sweep (kai422/SCALE ``configs/postprocessors/scale.yml``).
@@ -135,11 +135,7 @@ class SCALE(Detector):
                              f"got {tuple(features.shape)}")
         check_finite(features, "SCALE input features")
         scaled = scale_features(features, self.percentile)
-        head = self._head[0]
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, Tensor) and weight.dtype != scaled.dtype:  # e.g. a bf16-true model
-            return head(scaled.to(weight.dtype)).to(scaled.dtype)
-        return head(scaled)
+        return head_logits(self._head[0], scaled)
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

@@ -27,6 +27,7 @@ from lightning_ood.detectors import (
 from lightning_ood.detectors.functional import jigsaw
 from lightning_ood.evaluation.report import build_results, write_report
 from lightning_ood.lightning.runs import run_directory
+from lightning_ood.nn.objectives import native_score
 from lightning_ood.evaluation.tuning import TUNING_MODES, TuningData, concat_outputs, is_tunable, tune_detectors
 
 
@@ -171,7 +172,10 @@ class OODEvaluation(pl.Callback):
                 rank_zero_info(f"OOD set {name}: {len(dataset)} images ({groups[name]})")
         specs = self.detector_specs
         if specs is None:
-            specs = default_detector_names(pl_module.hparams.get("loss"))
+            specs = default_detector_names()
+            native = native_score(pl_module.hparams.get("loss"))
+            if native:
+                specs.append(native)
         family = dataset_family(datamodule)
         head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
         self.skipped, self._to_attach, self._configured = {}, {}, set()

@@ -457,3 +457,22 @@ def test_id_threshold_hand_computed():
     assert id_threshold(scores20, 1.0) == 1.0
     assert id_threshold(torch.tensor([5.0, 5.0, 5.0, 1.0]), 0.5) == 5.0  # ties: 3 scores >= 5
     assert id_threshold(torch.tensor([3.0, 3.0, 1.0, 1.0]), 0.95) == 1.0
+
+
+
+@pytest.mark.parametrize("spec", ["all", ["all"]])
+def test_detectors_all_evaluates_every_registered_detector(tmp_path, spec):
+    from lightning_ood.deploy import load
+    from lightning_ood.detectors import detector_names
+    from tests.ddp_eval_script import make_callback, make_model, trainer_kwargs
+
+    callback = make_callback(detectors=spec, output_dir=str(tmp_path), save_checkpoint=True)
+    datamodule = RandomOODDataModule(sizes={"train": 60})  # KNN's k = 50 needs 50 fit images
+    pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(make_model("ce"), datamodule=datamodule)
+    results = callback.results
+    reported = set(results["detectors"]) | set(results["skipped"])
+    assert reported == set(detector_names())
+    assert set(results["skipped"]) <= {"min_distance", "ash_p", "ash_b", "ash_s", "scale"}  # no distance head / post-ReLU
+    for name in results["detectors"]:
+        assert all(0.0 <= m["auroc"] <= 1.0 for m in results["metrics"][name].values()), name
+    assert set(load(callback.checkpoint_path).detectors) == set(results["detectors"])

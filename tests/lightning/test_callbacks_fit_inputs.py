@@ -57,7 +57,7 @@ class ForwardRecorder(pl.Callback):
 
 
 def hand_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features, logits and every block's FeatureNorm (METHODS.md:
+    """Features, logits and every block's FeatureNorm (docs/methods.md:
     ``(1/M) sum_m ||ReLU(z_m)||_2``), the block outputs read with forward hooks; the norms are
     accumulated in at least float32, as documented for half-precision maps."""
     maps = []
@@ -136,7 +136,7 @@ def check_jigsaw_inputs(pairs: dict, datamodule: RandomOODDataModule) -> None:
 
 
 def check_norm_ratios(callback: OODEvaluation, pairs: dict) -> None:
-    """FeatureNorm's NormRatios (METHODS.md: mean over the fit images of
+    """FeatureNorm's NormRatios (docs/methods.md: mean over the fit images of
     ``f_n(x) / f_n(jigsaw(x))``) equal the ones computed here from the recorded images, and
     none is 1 (the identity jigsaw gives exactly 1 for every block)."""
     ratios = torch.tensor(callback.results["detectors"]["feature_norm"]["ratios"], dtype=torch.float64)

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.yaml")
 
-# The papers' recipes (METHODS.md): max_epochs, lr, weight_decay, nesterov, scheduler, milestones, batch
+# The papers' recipes (docs/methods.md): max_epochs, lr, weight_decay, nesterov, scheduler, milestones, batch
 RECIPES = {
     "cifar10_resnet18_ce": (100, 0.1, 5e-4, False, "multistep", [50, 75, 90], 128),
     "cifar10_resnet18_isomax_plus": (300, 0.1, 1e-4, True, "multistep", [150, 200, 250], 64),

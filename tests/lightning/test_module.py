@@ -87,7 +87,7 @@ def test_forward_outputs_bundle():
     assert isinstance(out, ForwardOutputs)
     assert out.logits.shape == (3, 6) and out.features.shape == (3, 64)
     assert out.block_norms.shape == (3, 8)
-    # FeatureNorm (METHODS.md) of every residual block, from hand-written hooks:
+    # FeatureNorm (docs/methods.md) of every residual block, from hand-written hooks:
     # (1/M) sum_m sqrt(sum_hw ReLU(z)^2), blocks in forward order layer1.0 ... layer4.1
     maps = []
     blocks = [m for name, m in model.backbone.named_modules() if name.count(".") == 1 and name.startswith("layer")]
