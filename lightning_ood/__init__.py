@@ -3,6 +3,8 @@ from typing import Any
 
 from lightning_ood.version import __version__
 
+__all__ = ["__version__", "load"]
+
 
 def load(path: Any, map_location: Any = None) -> Any:
     """Load a model with its fitted OOD detectors (``model_with_detectors.ckpt``).

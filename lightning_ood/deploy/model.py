@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors import ForwardOutputs
+from lightning_ood.detectors.functional import finite_inputs_checked
 from lightning_ood.deploy.format import CheckpointError, check_preprocessing, check_thresholds
 
 
@@ -72,8 +73,9 @@ class OODModel(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         self._check_input(x)
-        outputs = self.forward_outputs(x)
-        scores = {name: detector(outputs) for name, detector in self.detectors.items()}
+        outputs = self.forward_outputs(x).check_finite()  # once, not once per detector
+        with finite_inputs_checked():
+            scores = {name: detector(outputs) for name, detector in self.detectors.items()}
         result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
         if self.thresholds:
             result["is_ood"] = {name: scores[name] < threshold for name, threshold in self.thresholds.items()}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_ood.version import __version__
 from lightning_ood.io import atomic_write
 from lightning_ood.detectors import Detector, ForwardOutputs, detector_classes
+from lightning_ood.detectors.functional import finite_inputs_checked
 from lightning_ood.deploy.format import FORMAT, FORMAT_VERSION, PROGRAM_METADATA, PathLike, first_line
 from lightning_ood.deploy.load import load
 from lightning_ood.deploy.model import OODModel, preprocessing_from_datamodule
@@ -46,8 +47,9 @@ class _ExportModule(nn.Module):
         self.thresholds = {n: t for n, t in thresholds.items() if n in self.names}
 
     def forward(self, x: Tensor) -> dict[str, Any]:
-        outputs = self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms)
-        scores = {name: self.classifier.detectors[name](outputs) for name in self.names}
+        outputs = self.classifier.forward_outputs(x, with_block_norms=self.needs_block_norms).check_finite()
+        with finite_inputs_checked():  # one assertion for the bundle, not one per detector
+            scores = {name: self.classifier.detectors[name](outputs) for name in self.names}
         result: dict[str, Any] = {"logits": outputs.logits, "scores": scores}
         if self.thresholds:
             result["is_ood"] = {name: scores[name] < t for name, t in self.thresholds.items()}

@@ -42,6 +42,38 @@ class ForwardOutputs:
     features: Tensor
     block_norms: Optional[Tensor] = None
 
+    def check_finite(self) -> "ForwardOutputs":
+        """Raise ``ValueError`` naming the tensor (``logits``, ``features`` or
+        ``block_norms``) when one holds NaN or infinite values; returns ``self``.
+
+        The once-per-bundle check: score every detector afterwards inside
+        :func:`~lightning_ood.detectors.functional.finite_inputs_checked`, where the
+        detectors' own checks of the same tensors are skipped::
+
+            outputs.check_finite()
+            with finite_inputs_checked():
+                scores = [detector(outputs) for detector in detectors]
+
+        Eagerly it costs one host sync for all three tensors (their sums, stacked; a
+        non-finite sum is followed by the exact per-tensor check that names the culprit).
+        Under ``torch.export`` it becomes one runtime assertion per tensor.
+        """
+        from lightning_ood.detectors.functional import require_finite
+
+        named = [(what, t) for what, t in (("logits", self.logits), ("features", self.features),
+                                            ("block_norms", self.block_norms))
+                 if t is not None and t.is_floating_point()]
+        if not named:
+            return self
+        if not torch.compiler.is_exporting():
+            sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(torch.float32)
+                                for _, t in named])
+            if bool(torch.isfinite(sums).all()):
+                return self
+        for what, tensor in named:
+            require_finite(tensor, what)
+        return self
+
     def float(self) -> "ForwardOutputs":
         """The same outputs in (at least) float32: under bf16/fp16 mixed precision the
         backbone's outputs are half precision, while detectors keep float32 statistics."""

@@ -16,11 +16,50 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+
+#: Set (to True) by :func:`finite_inputs_checked`: the scored bundle was checked once.
+_FINITE_INPUTS_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lightning_ood_finite_inputs_checked", default=False)
+
+
+@contextlib.contextmanager
+def finite_inputs_checked() -> Iterator[None]:
+    """Inside this block :func:`check_finite` is a no-op.
+
+    For scoring one forward bundle with many detectors: check its tensors **once**
+    (:meth:`~lightning_ood.detectors.base.ForwardOutputs.check_finite`), then score every
+    detector inside the block, so each detector does not repeat the same check (one host
+    sync per detector and tensor). Put nothing else inside the block: every check in it is
+    skipped, so fitting and unchecked tensors belong outside::
+
+        outputs.check_finite()
+        with finite_inputs_checked():
+            scores = {name: detector(outputs) for name, detector in detectors.items()}
+
+    Outside the block (a detector used alone) every detector still refuses non-finite
+    inputs with a ``ValueError``. The flag is a :mod:`contextvars` variable, so it is local
+    to the current thread / asyncio task and is reset on exit, also after an exception.
+    """
+    token = _FINITE_INPUTS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _FINITE_INPUTS_CHECKED.reset(token)
+
+
+def _finite_sum(tensor: Tensor) -> Tensor:
+    """0-d sum of ``tensor`` (float32 at least): non-finite whenever some entry is NaN or
+    infinite (IEEE addition propagates them), finite for finite entries unless the sum
+    overflows. Much cheaper than ``isfinite(tensor).all()`` on the CPU."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    return tensor.sum(dtype=dtype)
 
 
 def check_finite(tensor: Tensor, what: str) -> None:
@@ -35,11 +74,24 @@ def check_finite(tensor: Tensor, what: str) -> None:
 
     Under ``torch.export`` the check cannot branch on tensor values; it becomes a runtime
     assertion inside the exported program (``RuntimeError`` with the same message).
+    Inside :func:`finite_inputs_checked` it does nothing (the bundle was checked once).
+    Integer and bool tensors are always finite.
     """
+    if not _FINITE_INPUTS_CHECKED.get():
+        require_finite(tensor, what)
+
+
+def require_finite(tensor: Tensor, what: str) -> None:
+    """:func:`check_finite` that always checks, also inside :func:`finite_inputs_checked`
+    (the once-per-bundle check itself uses it)."""
     if torch.compiler.is_exporting():
         torch._assert_async(torch.isfinite(tensor).all(), f"{what} contain NaN or infinite values")
         return
-    if not bool(torch.isfinite(tensor).all()):
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    # fast path: a finite sum proves every entry finite; only a non-finite sum (a NaN/inf
+    # entry, or an overflowing sum of finite entries) pays for the exact elementwise check
+    if not bool(torch.isfinite(_finite_sum(tensor))) and not bool(torch.isfinite(tensor).all()):
         where = ""
         if tensor.dim() >= 1 and tensor.shape[0] > 0:
             bad = int((~torch.isfinite(tensor.reshape(tensor.shape[0], -1))).any(dim=1).sum())
@@ -81,8 +133,16 @@ def _keep_top(x: Tensor, percentile: float) -> tuple[Tensor, Tensor, Tensor]:
             f"ASH percentile {percentile} keeps none of the {n} values per sample (k = 0); "
             "use a smaller percentile"
         )
-    values, indices = flat.topk(k, dim=1)
+    # unsorted: the same k positions as sorted=True (the selection does not depend on the
+    # order the kept values are returned in), without sorting them
+    values, indices = flat.topk(k, dim=1, sorted=False)
     return flat, values, indices
+
+
+def _place(flat: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """A new zero tensor shaped like ``flat`` with ``values`` at ``indices`` (per row): one
+    allocation, filled in place (``flat`` is not modified)."""
+    return torch.zeros_like(flat).scatter_(1, indices, values)
 
 
 def ash_p(x: Tensor, percentile: float) -> Tensor:
@@ -102,7 +162,7 @@ def ash_p(x: Tensor, percentile: float) -> Tensor:
         ValueError: percentile outside [0, 100], ``k`` would be 0, or non-finite ``x``.
     """
     flat, values, indices = _keep_top(x, percentile)
-    return torch.zeros_like(flat).scatter(1, indices, values).reshape(x.shape)
+    return _place(flat, indices, values).reshape(x.shape)
 
 
 def ash_b(x: Tensor, percentile: float) -> Tensor:
@@ -124,7 +184,7 @@ def ash_b(x: Tensor, percentile: float) -> Tensor:
     flat, values, indices = _keep_top(x, percentile)
     k = values.shape[1]
     fill = (flat.sum(dim=1, keepdim=True) / k).expand(-1, k)
-    return torch.zeros_like(flat).scatter(1, indices, fill).reshape(x.shape)
+    return _place(flat, indices, fill).reshape(x.shape)
 
 
 def ash_s(x: Tensor, percentile: float) -> Tensor:
@@ -152,13 +212,13 @@ def ash_s(x: Tensor, percentile: float) -> Tensor:
         ValueError: percentile outside [0, 100], ``k`` would be 0, or non-finite ``x``.
     """
     flat, values, indices = _keep_top(x, percentile)
-    pruned = torch.zeros_like(flat).scatter(1, indices, values)
     s1 = flat.sum(dim=1)
     s2 = values.sum(dim=1)
     positive = s2 > 0
     exponent = torch.where(positive, s1 / torch.where(positive, s2, torch.ones_like(s2)), 0.0)
     exponent = exponent.clamp(max=math.log(torch.finfo(x.dtype).max) / 2)
-    return (pruned * torch.exp(exponent).unsqueeze(1)).reshape(x.shape)
+    # scale the k kept values, then place them (the same products as scaling the pruned tensor)
+    return _place(flat, indices, values * torch.exp(exponent).unsqueeze(1)).reshape(x.shape)
 
 
 def head_logits(head: "torch.nn.Module", features: Tensor) -> Tensor:

@@ -54,12 +54,20 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
     x = logits.double()
     m = min(int(M), x.shape[1])
     lse = torch.logsumexp(x, dim=1, keepdim=True)
-    top, index = x.topk(m, dim=1)                   # descending: column 0 is the most probable class
-    log_p = top - lse
-    log_q = torch.log1p(-torch.exp(log_p))          # accurate wherever p <= 1/2
-    others = x.scatter(1, index[:, :1], float("-inf"))
-    log_q_top = torch.logsumexp(others, dim=1, keepdim=True) - lse  # -inf when C = 1 (p = 1)
-    log_q = torch.cat([log_q_top, log_q[:, 1:]], dim=1)
+    if m == x.shape[1]:  # every class: no top-M selection, only the most probable class is special
+        first = x.argmax(dim=1, keepdim=True)
+        log_p = x - lse
+        log_q = torch.log1p(-torch.exp(log_p))      # accurate wherever p <= 1/2
+        others = x.scatter(1, first, float("-inf"))
+        log_q_top = torch.logsumexp(others, dim=1, keepdim=True) - lse  # -inf when C = 1 (p = 1)
+        log_q = log_q.scatter(1, first, log_q_top)
+    else:
+        top, index = x.topk(m, dim=1)               # descending: column 0 is the most probable class
+        log_p = top - lse
+        log_q = torch.log1p(-torch.exp(log_p))      # accurate wherever p <= 1/2
+        others = x.scatter(1, index[:, :1], float("-inf"))
+        log_q_top = torch.logsumexp(others, dim=1, keepdim=True) - lse  # -inf when C = 1 (p = 1)
+        log_q = torch.cat([log_q_top, log_q[:, 1:]], dim=1)
     terms = torch.exp(float(gamma) * (log_p + log_q))
     return (-terms.sum(dim=1)).to(torch.promote_types(logits.dtype, torch.float32))
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -192,3 +194,11 @@ def _fpr_at_95_tpr(preds: Tensor, target: Tensor) -> float:
     true_pos = torch.round(tpr.double() * n_pos)
     reached = torch.nonzero(20 * true_pos >= 19 * n_pos)  # TP / P >= 0.95, exact in integers
     return float(fpr[reached[0, 0]])
+
+
+def id_threshold(id_scores: Tensor, keep_fraction: float = 0.95) -> float:
+    """The score threshold that keeps ``keep_fraction`` of ID samples (score >= threshold
+    counts as ID): the largest t with at least ``keep_fraction`` of ID scores >= t."""
+    ordered = torch.sort(id_scores.double(), descending=True).values
+    position = max(math.ceil(keep_fraction * len(ordered) - 1e-9) - 1, 0)
+    return float(ordered[position])

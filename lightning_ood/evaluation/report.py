@@ -97,6 +97,10 @@ def summary_text(results: dict[str, Any]) -> str:
             lines.append(f"{name}: as configured (tune=defaults)")
         else:
             lines.append(f"{name}: published defaults ({entry.get('note', 'tune=defaults')})")
+    for name, info in results.get("detectors", {}).items():
+        if "selected_block_name" in info:
+            lines.append(f"{name}: NormRatio selected block {info['selected_block']} ({info['selected_block_name']}) "
+                         f"of {len(info.get('ratios', []))}")
     for name, reason in results["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     timing = results.get("timing")

@@ -6,26 +6,29 @@ metrics per detector x OOD set -> table / JSON / CSV / W&B / plots.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.utilities.distributed import gather_all_tensors
 from tqdm.auto import tqdm
 
 from lightning_ood import distributed
 from lightning_ood.checks import check_number
 from lightning_ood.data.base import OODDataModule, OODSet
 from lightning_ood.detectors import (
-    Detector, FitData, ForwardOutputs, build_detector, default_detector_names, detector_name, detector_names, entry,
+    Detector, ForwardOutputs, build_detector, default_detector_names, detector_name, detector_names, entry,
 )
-from lightning_ood.detectors.functional import jigsaw
+from lightning_ood.detectors.functional import finite_inputs_checked
+from lightning_ood.evaluation.metrics import id_threshold
 from lightning_ood.evaluation.report import build_results, write_report
+from lightning_ood.evaluation.runner import (
+    ScoreCollector, default_tuning_report, drop_negative_feature_detectors, fit_pass, forward_all, resolve_detectors,
+)
 from lightning_ood.lightning.runs import run_directory
 from lightning_ood.nn.objectives import native_score
 from lightning_ood.evaluation.tuning import TUNING_MODES, TuningData, concat_outputs, is_tunable, tune_detectors
@@ -161,6 +164,10 @@ class OODEvaluation(pl.Callback):
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
+        if stage == "test" and hasattr(pl_module, "check_forward") and len(datamodule.test_set) > 0:
+            # one dry forward pass (no collective) before any compute: a wrong feature width,
+            # head or block spec fails now, not after the fitting pass
+            pl_module.check_forward(torch.stack([datamodule.test_set[i][0] for i in range(min(2, len(datamodule.test_set)))]))
         # built now, so a missing OOD validation folder fails before any compute as well
         self._ood_val_datasets = []
         if self.tune == "ood_val":
@@ -176,21 +183,8 @@ class OODEvaluation(pl.Callback):
             native = native_score(pl_module.hparams.get("loss"))
             if native:
                 specs.append(native)
-        family = dataset_family(datamodule)
-        head, num_blocks = pl_module.head, pl_module.backbone.num_blocks
-        self.skipped, self._to_attach, self._configured = {}, {}, set()
-        for spec in specs:
-            detector = build_detector(spec, family) if isinstance(spec, str) else spec
-            name = detector_name(detector)
-            if not isinstance(spec, str):
-                self._configured.add(name)  # its hyper-parameters are the user's, not the paper's
-            if name in self._to_attach or name in self.skipped:
-                raise ValueError(f"detector {name!r} is configured twice")
-            reason = detector.skip_reason(head, num_blocks)
-            if reason is not None:
-                self.skipped[name] = reason
-            else:
-                self._to_attach[name] = detector
+        resolved = resolve_detectors(specs, dataset_family(datamodule), pl_module.head, pl_module.backbone.num_blocks)
+        self.skipped, self._to_attach, self._configured = resolved.skipped, resolved.to_attach, resolved.configured
         needs_fit = [n for n, d in self._to_attach.items() if d.requires_fit]
         if needs_fit and datamodule.fit_set is None:
             raise ValueError(f"detectors {', '.join(needs_fit)} need ID training statistics, "
@@ -209,13 +203,15 @@ class OODEvaluation(pl.Callback):
             pl_module.detectors.update(self._to_attach)
             pl_module.detectors.to(pl_module.device)
         to_fit = [d for d in pl_module.detectors.values() if d.requires_fit]
-        self._buffers: list[dict[str, list[Tensor]]] = [
-            {"indices": [], "labels": [], "scores": [], "predictions": []} for _ in self._loader_names()
-        ]
-        self._min_feature = torch.tensor(float("inf"), device=pl_module.device)
+        self._collector = ScoreCollector(len(self._loader_names()), pl_module.device)
         fit_data = None
         if to_fit:
-            fit_data = self._fit_pass(trainer, pl_module, need_jigsaw=any(d.requires_jigsaw for d in to_fit))
+            loader = self._datamodule.fit_dataloader(self.fit_samples)
+            with self._forward_context(trainer):
+                fit_data = fit_pass(self._progress(trainer, loader, "Fitting detectors on ID training data"),
+                                    self._prepare(trainer, pl_module), pl_module.forward_outputs, to_fit,
+                                    self.jigsaw_seed, pl_module.backbone.num_features, pl_module.backbone.num_blocks,
+                                    pl_module.num_classes, pl_module.device)
             with torch.inference_mode(False):
                 for detector in to_fit:
                     detector.fit(fit_data)
@@ -226,31 +222,52 @@ class OODEvaluation(pl.Callback):
         if self.tune != "defaults" and tunable:
             data = self._tuning_data(trainer, pl_module)
             if data is None:
-                self.tuning = {detector_name(d): {"mode": "defaults", "note": "no ID validation images "
-                               "(data val_size is 0): published defaults kept"} for d in tunable}
+                self.tuning = default_tuning_report(tunable, self._configured, "no ID validation images "
+                                                    "(data val_size is 0): published defaults kept")
             else:
                 with torch.inference_mode(False):
                     self.tuning = tune_detectors(tunable, data, fit_data, self.tuning_grids)
         elif tunable:
-            self.tuning = {detector_name(d): {"mode": "defaults", "values": "configured" if detector_name(d)
-                           in self._configured else "published"} for d in tunable}
+            self.tuning = default_tuning_report(tunable, self._configured)
         self._test_started = time.perf_counter()
         self.timing["tuning_s"] = self._test_started - fitted
+
+    @staticmethod
+    def _describe(detector: Detector, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The detector's report entry, with the module name of a selected block (the
+        block-norm columns are the network's ``block_names``, in order)."""
+        info = detector.describe()
+        names = getattr(pl_module, "block_names", None)
+        selected = info.get("selected_block")
+        if names and isinstance(selected, int) and 0 <= selected < len(names):
+            info["selected_block_name"] = names[selected]
+        return info
+
+    @staticmethod
+    def _forward_context(trainer: pl.Trainer) -> contextlib.ExitStack:
+        """No autograd, and the test pass's precision (autocast), so fitting and tuning see
+        test-time features."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(trainer.precision_plugin.forward_context())
+        return stack
+
+    @staticmethod
+    def _prepare(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[Tensor], Tensor]:
+        """Images on the module's device in the test pass's input dtype."""
+        return lambda images: trainer.precision_plugin.convert_input(images.to(pl_module.device))
+
+    @staticmethod
+    def _progress(trainer: pl.Trainer, loader: Any, desc: str) -> Any:
+        return tqdm(loader, desc=desc, disable=not trainer.is_global_zero or not trainer.progress_bar_callback)
 
     def _forward_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any, desc: str,
                      jigsaw_too: bool = False) -> tuple[ForwardOutputs, Optional[ForwardOutputs]]:
         """Every rank runs the whole (small) dataset, so all ranks tune identically."""
         loader = DataLoader(dataset, batch_size=self._datamodule.batch_size, shuffle=False)
-        plain, shuffled = [], []
-        # the test pass's precision (input dtype, autocast), so tuning sees test-time features
-        with torch.inference_mode(), trainer.precision_plugin.forward_context():
-            for images, _, indices in tqdm(loader, desc=desc, disable=not trainer.is_global_zero
-                                           or not trainer.progress_bar_callback):
-                images = trainer.precision_plugin.convert_input(images.to(pl_module.device))
-                plain.append(pl_module.forward_outputs(images))
-                if jigsaw_too:
-                    shuffled.append(pl_module.forward_outputs(self._jigsaw(images, indices)))
-        return concat_outputs(plain), (concat_outputs(shuffled) if jigsaw_too else None)
+        with self._forward_context(trainer):
+            return forward_all(self._progress(trainer, loader, desc), self._prepare(trainer, pl_module),
+                               pl_module.forward_outputs, self.jigsaw_seed if jigsaw_too else None)
 
     def _tuning_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[TuningData]:
         """Cached outputs of ID validation images and their jigsaw versions (or the OOD
@@ -276,83 +293,24 @@ class OODEvaluation(pl.Callback):
     def _loader_names(self) -> list[str]:
         return [self._datamodule.name] + list(self._datamodule.ood_test_sets)
 
-    def _fit_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, need_jigsaw: bool) -> FitData:
-        """One streamed pass over this rank's shard of the ID training subset."""
-        loader = self._datamodule.fit_dataloader(self.fit_samples)
-        need_blocks = any(d.requires_block_norms for d in pl_module.detectors.values())
-        need_labels = any(d.requires_labels for d in pl_module.detectors.values())
-        features, block_norms, jigsaw_norms, labels, logits = [], [], [], [], []
-        with torch.inference_mode(), trainer.precision_plugin.forward_context():
-            for images, targets, indices in tqdm(loader, desc="Fitting detectors on ID training data",
-                                                 disable=not trainer.is_global_zero or not trainer.progress_bar_callback):
-                images = trainer.precision_plugin.convert_input(images.to(pl_module.device))
-                outputs = pl_module.forward_outputs(images, with_block_norms=need_blocks)
-                features.append(outputs.features)
-                logits.append(outputs.logits)
-                if need_labels:
-                    labels.append(targets.to(pl_module.device))
-                if outputs.block_norms is not None:
-                    block_norms.append(outputs.block_norms)
-                if need_jigsaw:
-                    shuffled = self._jigsaw(images, indices)
-                    jigsaw_norms.append(pl_module.forward_outputs(shuffled, with_block_norms=True).block_norms)
-        width = pl_module.backbone.num_features
-        blocks = pl_module.backbone.num_blocks
-        cat = lambda xs, shape: torch.cat(xs).clone() if xs else torch.zeros(shape, device=pl_module.device)
-        return FitData(
-            features=cat(features, (0, width)),
-            block_norms=cat(block_norms, (0, blocks)) if need_blocks else None,
-            jigsaw_block_norms=cat(jigsaw_norms, (0, blocks)) if need_jigsaw else None,
-            labels=(torch.cat(labels).clone() if labels else torch.zeros(0, dtype=torch.long, device=pl_module.device))
-            if need_labels else None,
-            logits=cat(logits, (0, pl_module.num_classes)),
-        )
-
-    def _jigsaw(self, images: Tensor, indices: Tensor) -> Tensor:
-        """Jigsaw versions of normalised images, each permutation seeded by the sample's
-        index, so 1 or N ranks shuffle every image identically. The border left over by the
-        tiles is 0 in normalised space (the dataset's mean colour)."""
-        shuffled = [
-            jigsaw(image[None], generator=torch.Generator(device=images.device).manual_seed(
-                self.jigsaw_seed * 1_000_003 + int(index)))
-            for image, index in zip(images, indices)
-        ]
-        return torch.cat(shuffled)
-
     # -------------------------------------------------------------- test pass
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        forward = outputs["outputs"]
-        self._min_feature = torch.minimum(self._min_feature, forward.features.min())
-        scores, predictions = [], [forward.logits.argmax(1)]
-        for detector in pl_module.detectors.values():
-            scores.append(detector(forward).float())
-            if detector.changes_logits and dataloader_idx == 0:
-                predictions.append(detector.shaped_logits(forward).argmax(1))
-        buffer = self._buffers[dataloader_idx]
-        buffer["indices"].append(outputs["indices"])
-        buffer["labels"].append(outputs["labels"])
-        buffer["scores"].append(torch.stack(scores, 1) if scores else forward.logits.new_zeros(len(forward.logits), 0))
-        if dataloader_idx == 0:
-            buffer["predictions"].append(torch.stack(predictions, 1))
+        bundle = outputs["outputs"].check_finite()  # once per batch, for every detector
+        with finite_inputs_checked():
+            self._collector.add(dataloader_idx, bundle, outputs["labels"], outputs["indices"],
+                                list(pl_module.detectors.values()))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = [detector_name(d) for d in pl_module.detectors.values()]
-        per_set = [self._gather(buffer) for buffer in self._buffers]
+        per_set = self._collector.gather()
         expected = [len(self._datamodule.test_set)] + [len(d) for d in self._datamodule.ood_test_sets.values()]
         for set_name, data, n in zip(self._loader_names(), per_set, expected):
             if len(data["indices"]) != n:
                 raise RuntimeError(f"{set_name}: gathered {len(data['indices'])} distinct samples, dataset has {n}")
-        keep = list(range(len(names)))
         # every rank takes part in this reduction, so all ranks skip the same detectors
-        min_feature = float(distributed.all_reduce(self._min_feature, "min"))
-        if min_feature < 0:
-            detectors = list(pl_module.detectors.values())
-            for i, name in enumerate(names):
-                if detectors[i].assumes_nonnegative_features:
-                    self.skipped[name] = (f"features can be negative (min {min_feature:.3g}); {name} assumes "
-                                          "post-ReLU features")
-            keep = [i for i in keep if not detectors[i].assumes_nonnegative_features]
+        min_feature = float(distributed.all_reduce(self._collector.min_feature, "min"))
+        keep = drop_negative_feature_detectors(names, list(pl_module.detectors.values()), min_feature, self.skipped)
         self.results = build_results(
             id_name=self._datamodule.name,
             set_names=self._loader_names(),
@@ -362,7 +320,7 @@ class OODEvaluation(pl.Callback):
             kept=keep,
             changes_logits=[d.changes_logits for d in pl_module.detectors.values()],
             skipped=self.skipped,
-            detector_info={n: d.describe() for n, d in zip(names, pl_module.detectors.values())},
+            detector_info={n: self._describe(d, pl_module) for n, d in zip(names, pl_module.detectors.values())},
             fpr95_positive=self.fpr95_positive,
             devices=trainer.world_size,
         )
@@ -385,28 +343,6 @@ class OODEvaluation(pl.Callback):
 
             self.checkpoint_path = save_after_evaluation(trainer, pl_module, output_dir, self.results["thresholds"])
 
-    @staticmethod
-    def _gather(buffer: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-        """Concatenate, gather across ranks, drop padded duplicates, sort by index."""
-        out = {}
-        for key, chunks in buffer.items():
-            if not chunks:
-                continue
-            local = torch.cat(chunks)
-            out[key] = torch.cat(gather_all_tensors(local)) if distributed.is_distributed() else local
-        order = torch.argsort(out["indices"], stable=True)
-        sorted_indices = out["indices"][order]
-        first = torch.ones_like(sorted_indices, dtype=torch.bool)
-        first[1:] = sorted_indices[1:] != sorted_indices[:-1]
-        return {key: value[order][first].cpu() for key, value in out.items()}
-
-
-def id_threshold(id_scores: Tensor, keep_fraction: float = 0.95) -> float:
-    """The score threshold that keeps ``keep_fraction`` of ID samples (score >= threshold
-    counts as ID): the largest t with at least ``keep_fraction`` of ID scores >= t."""
-    ordered = torch.sort(id_scores.double(), descending=True).values
-    position = max(math.ceil(keep_fraction * len(ordered) - 1e-9) - 1, 0)
-    return float(ordered[position])
 
 
 def _tuning_grids(grids: Optional[dict[str, dict[str, list[Any]]]], ash_percentiles: Optional[Sequence[float]],

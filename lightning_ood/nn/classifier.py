@@ -15,6 +15,7 @@ from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.functional import feature_norm
 from lightning_ood.nn.objectives import objective
 from lightning_ood.nn.resnet import build_backbone
+from lightning_ood.nn.taps import Taps
 
 #: Constructor arguments of :class:`Classifier` (what a model file records).
 NETWORK_ARGUMENTS = ("backbone", "loss", "num_classes", "cifar_stem", "width", "l2_temperature", "channels_last")
@@ -60,12 +61,31 @@ class Classifier(nn.Module):
         backbone), kept out of the module tree: its parameters are the backbone's own."""
         object.__setattr__(self, "_compiled_backbone", compiled)
 
-    def _features(self, x: Tensor, with_block_norms: bool) -> tuple[Tensor, Optional[list[Tensor]]]:
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    @property
+    def block_names(self) -> list[str]:
+        """Names of the blocks whose FeatureNorms ``block_norms`` holds, in its column order
+        (``layer1.0`` ... ``layer4.1`` for ResNet18)."""
+        return [name for name, _ in self.backbone.named_blocks()]
+
+    def block_taps(self) -> Taps:
+        """Forward hooks computing FeatureNorm on every residual block's output (the
+        mechanism used for any network, :mod:`lightning_ood.nn.taps`)."""
+        return Taps(blocks=self.backbone.named_blocks(), reduce=feature_norm)
+
+    def _features(self, x: Tensor, with_block_norms: bool) -> tuple[Tensor, Optional[Tensor]]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if not with_block_norms and self._compiled_backbone is not None:
-            return self._compiled_backbone(x)
-        return self.backbone(x, block_fn=feature_norm if with_block_norms else None)
+        if not with_block_norms:
+            backbone = self._compiled_backbone if self._compiled_backbone is not None else self.backbone
+            return backbone(x), None
+        taps = self.block_taps()  # hooks on the eager backbone, for this pass only
+        with taps.capture(blocks=True) as captured:
+            features = self.backbone(x)
+        return features, taps.block_norms(captured)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, C)."""
@@ -76,8 +96,43 @@ class Classifier(nn.Module):
         FeatureNorm of every residual block — everything the detectors read — in float32
         even under mixed precision."""
         features, block_norms = self._features(x, with_block_norms)
-        return ForwardOutputs(
-            logits=self.head(features),
-            features=features,
-            block_norms=torch.stack(block_norms, dim=1) if block_norms is not None else None,
-        ).float()
+        return ForwardOutputs(logits=self.head(features), features=features, block_norms=block_norms).float()
+
+    def check_forward(self, images: Tensor) -> None:
+        """A dry forward pass on (at most two of) ``images``: raises a ValueError naming the
+        problem when the input does not run, or logits, features or block norms do not have
+        the widths the detectors expect. Leaves train/eval modes and weights untouched."""
+        expected = {"logits": self.num_classes, "features": self.backbone.num_features,
+                    "block_norms": self.num_blocks}
+        outputs = dry_forward(self, images)
+        for what, width in expected.items():
+            value = getattr(outputs, what)
+            if value.dim() != 2 or value.shape[1] != width:
+                raise ValueError(f"Classifier: {what} have shape {tuple(value.shape)}, expected (B, {width})")
+
+
+def dry_forward(model: nn.Module, images: Tensor) -> ForwardOutputs:
+    """``model.forward_outputs(images[:2], with_block_norms=True)`` in eval mode without
+    gradients, on the model's device and dtype; modes are restored. A network that fails
+    on the batch raises a ValueError saying so."""
+    if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"check_forward takes a non-empty batch of images (B, C, H, W); got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    batch = images[:2]
+    if first is not None:
+        batch = batch.to(device=first.device, dtype=first.dtype if batch.is_floating_point() else batch.dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                return model.forward_outputs(batch, with_block_norms=True)
+            except ValueError:
+                raise  # already says what is wrong (a tap's own check)
+            except Exception as err:
+                raise ValueError(f"the network fails on a test batch of shape {tuple(batch.shape)} "
+                                 f"({batch.dtype}): {type(err).__name__}: {err}") from err
+    finally:
+        for module, training in modes:
+            module.training = training

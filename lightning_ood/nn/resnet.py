@@ -1,12 +1,10 @@
-"""ResNet backbones split as features -> pooled features, with per-block outputs on request.
+"""ResNet backbones: images -> pooled features; block outputs are read by hooks (``nn/taps.py``).
 
 Built on torchvision's ResNet so parameter names match torchvision's ``state_dict``
 (``conv1``, ``bn1``, ``layer1.0.conv1`` ...): a torchvision ResNet file loads into the
 backbone, its ``fc.*`` entries into a linear head (see :func:`split_torchvision_state_dict`).
 """
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -65,25 +63,25 @@ class ResNetBackbone(nn.Module):
         self.num_features: int = net.fc.in_features
         self.num_blocks: int = len(self.blocks())
 
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        """The residual blocks in forward order, with their names (``layer1.0`` ... as in
+        torchvision's ``named_modules()``)."""
+        return [(f"{stage}.{i}", block) for stage in ("layer1", "layer2", "layer3", "layer4")
+                for i, block in enumerate(getattr(self, stage))]
+
     def blocks(self) -> list[nn.Module]:
         """The residual blocks in forward order."""
-        return [block for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for block in layer]
+        return [block for _, block in self.named_blocks()]
 
-    def forward(
-        self, x: Tensor, block_fn: Optional[Callable[[Tensor], Tensor]] = None
-    ) -> tuple[Tensor, Optional[list[Tensor]]]:
-        """Pooled features (B, D), and ``block_fn`` applied to every block's output.
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled features (B, D).
 
-        ``block_fn`` (e.g. :func:`lightning_ood.detectors.functional.feature_norm`) reduces
-        each (B, M, H, W) block output as soon as it is produced, so the maps are not kept.
+        Block outputs are read with hooks (:class:`lightning_ood.nn.taps.Taps` on
+        :meth:`named_blocks`), as for any other network.
         """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        reduced: Optional[list[Tensor]] = [] if block_fn is not None else None
-        for block in self.blocks():
-            x = block(x)
-            if reduced is not None:
-                reduced.append(block_fn(x))
-        return torch.flatten(self.avgpool(x), 1), reduced
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def split_torchvision_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

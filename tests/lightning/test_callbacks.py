@@ -169,7 +169,7 @@ def test_default_detectors_of_an_isomax_plus_model(tmp_path):
     def hand_scores(dataset):
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         with torch.no_grad():
-            features = model.backbone(images)[0].double()
+            features = model.backbone(images).double()
         unit_features = features / features.norm(dim=1, keepdim=True)
         prototypes = model.head.prototypes.detach().double()
         unit_prototypes = prototypes / prototypes.norm(dim=1, keepdim=True)
@@ -180,38 +180,6 @@ def test_default_detectors_of_an_isomax_plus_model(tmp_path):
     for name, dataset in datamodule.ood_test_sets.items():
         expected = ood_metrics(id_scores, hand_scores(dataset))["auroc"]
         assert results["metrics"]["min_distance"][name]["auroc"] == pytest.approx(expected, abs=1e-6), name
-
-
-# ------------------------------------------------------------------- de-duplication
-def test_gather_drops_padded_repeats_and_sorts_by_index():
-    # two "ranks" worth of chunks as one process sees them after padding: 5 samples,
-    # indices 4 and 0 repeated (a padded sampler repeats whole samples)
-    def row(i):
-        return [10.0 * i, -float(i)]
-
-    indices = [torch.tensor([4, 1, 3]), torch.tensor([0, 2]), torch.tensor([4, 0])]
-    buffer = {
-        "indices": indices,
-        "labels": [i % 3 for i in indices],
-        "scores": [torch.tensor([row(int(i)) for i in chunk]) for chunk in indices],
-        "predictions": [],  # OOD sets have no predictions: the key is left out
-    }
-    out = OODEvaluation._gather(buffer)
-    assert set(out) == {"indices", "labels", "scores"}
-    assert out["indices"].tolist() == [0, 1, 2, 3, 4]
-    assert out["labels"].tolist() == [0, 1, 2, 0, 1]
-    assert out["scores"].tolist() == [row(i) for i in range(5)]
-
-
-def test_gather_keeps_rows_aligned_with_their_index():
-    indices = torch.tensor([7, 3, 3, 9, 1, 7])
-    buffer = {"indices": [indices], "labels": [indices * 2], "scores": [indices[:, None].float().repeat(1, 3)],
-              "predictions": [torch.stack([indices, indices + 1], 1)]}
-    out = OODEvaluation._gather(buffer)
-    assert out["indices"].tolist() == [1, 3, 7, 9]
-    assert out["labels"].tolist() == [2, 6, 14, 18]
-    assert out["scores"][:, 2].tolist() == [1.0, 3.0, 7.0, 9.0]
-    assert out["predictions"].tolist() == [[1, 2], [3, 4], [7, 8], [9, 10]]
 
 
 # ----------------------------------------------------------------- FPR95 convention
@@ -432,32 +400,6 @@ def test_fit_and_tuning_really_see_jigsaw_images(tmp_path):
     assert (ratios - 1).abs().min() > 1e-3, ratios
     aurocs = [point["auroc"] for point in callback.results["tuning"]["ash_s"]["grid"]]
     assert any(abs(a - 0.5) > 0.05 for a in aurocs), aurocs
-
-
-def test_jigsaw_is_seeded_per_sample_index_not_per_batch():
-    callback = OODEvaluation(jigsaw_seed=3)
-    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    indices = torch.tensor([10, 11, 12, 13, 14, 15])
-    whole = callback._jigsaw(images, indices)
-    split = torch.cat([callback._jigsaw(images[:2], indices[:2]), callback._jigsaw(images[2:], indices[2:])])
-    assert torch.equal(whole, split)  # batch composition (ranks, batch size) does not matter
-    assert not torch.equal(whole, images)
-    # the same image under another index is shuffled differently; another seed too
-    assert not torch.equal(callback._jigsaw(images[:1], torch.tensor([99])), whole[:1])
-    assert not torch.equal(OODEvaluation(jigsaw_seed=4)._jigsaw(images, indices), whole)
-
-
-def test_id_threshold_hand_computed():
-    from lightning_ood.lightning.callback import id_threshold
-
-    scores20 = torch.arange(1.0, 21.0)[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
-    assert id_threshold(scores20, 0.95) == 2.0  # 19 of 20 scores >= 2
-    assert id_threshold(torch.arange(1.0, 24.0), 0.95) == 2.0  # ceil(0.95 * 23) = 22 scores >= 2
-    assert id_threshold(torch.arange(1.0, 24.0), 0.9) == 3.0  # ceil(20.7) = 21 scores >= 3
-    assert id_threshold(scores20, 1.0) == 1.0
-    assert id_threshold(torch.tensor([5.0, 5.0, 5.0, 1.0]), 0.5) == 5.0  # ties: 3 scores >= 5
-    assert id_threshold(torch.tensor([3.0, 3.0, 1.0, 1.0]), 0.95) == 1.0
-
 
 
 @pytest.mark.parametrize("spec", ["all", ["all"]])

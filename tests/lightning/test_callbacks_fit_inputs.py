@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_ood.evaluation import runner
 from lightning_ood.lightning.callback import OODEvaluation
 from tests.ddp_eval_script import RandomOODDataModule, make_callback, make_model, run_evaluation, trainer_kwargs
 
@@ -63,7 +64,7 @@ def hand_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Te
     maps = []
     handles = [block.register_forward_hook(lambda module, args, z: maps.append(z)) for block in model.backbone.blocks()]
     with torch.no_grad():
-        features = model.backbone(images)[0]
+        features = model.backbone(images)
         logits = model.head(features)
     for handle in handles:
         handle.remove()
@@ -197,21 +198,21 @@ def test_jigsaw_is_the_same_under_every_precision(jigsaw_runs, tmp_path):
         assert got == expected, (precision, sum(got[s] != expected[s] for s in expected), "of", len(expected))
 
 
-def _identity(self, images, indices):
+def _identity(images, indices, seed):
     return images
 
 
-def _seeded_by_position(self, images, indices):
+def _seeded_by_position(images, indices, seed):
     """A broken jigsaw seeded by the position in the batch instead of the sample index."""
-    return original_jigsaw(self, images, torch.arange(len(images)))
+    return original_jigsaw(images, torch.arange(len(images)), seed)
 
 
-original_jigsaw = OODEvaluation._jigsaw
+original_jigsaw = runner.jigsaw_batch
 
 
 def test_the_checks_catch_an_identity_jigsaw(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(OODEvaluation, "_jigsaw", _identity)
+        patch.setattr(runner, "jigsaw_batch", _identity)
         recorder, datamodule, callback = _jigsaw_run(str(tmp_path), 4)
     pairs = jigsaw_pairs(recorder, datamodule)
     assert pairs == {}
@@ -223,7 +224,7 @@ def test_the_checks_catch_an_identity_jigsaw(tmp_path):
 
 def test_the_checks_catch_a_jigsaw_seeded_by_batch_position(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(OODEvaluation, "_jigsaw", _seeded_by_position)
+        patch.setattr(runner, "jigsaw_batch", _seeded_by_position)
         runs = {b: _jigsaw_run(str(tmp_path / str(b)), b) for b in (4, 3)}
     (rec4, dm4, _), (rec3, dm3, _) = runs[4], runs[3]
     pairs4, pairs3 = jigsaw_pairs(rec4, dm4), jigsaw_pairs(rec3, dm3)
@@ -259,7 +260,7 @@ def _test_outputs(recorder: ForwardRecorder) -> tuple[torch.Tensor, torch.Tensor
 def _scores(callback: OODEvaluation, name: str) -> torch.Tensor:
     """The ID test scores the callback recorded for detector ``name``, in batch order."""
     column = list(callback._to_attach).index(name)
-    return torch.cat(callback._buffers[0]["scores"])[:, column]
+    return torch.cat(callback._collector._buffers[0]["scores"])[:, column]
 
 
 def test_64_true_evaluation_matches_a_float64_hand_computation(tmp_path):

@@ -134,7 +134,7 @@ def test_l2_norm_model_classifies_with_the_unnormalised_path_in_eval():
     model = OODClassifier(loss="l2_norm", num_classes=6, width=8, l2_temperature=0.5).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        features = model.backbone(x)[0]
+        features = model.backbone(x)
         expected = features @ model.head.weight.T + model.head.bias
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 

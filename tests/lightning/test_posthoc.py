@@ -52,9 +52,10 @@ def test_torchvision_resnet_through_ood_evaluation(tmp_path, resnet_weights):
 
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.csv").is_file()
     results = callback.results
-    assert set(results["metrics"]) == {"msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper"}
-    assert set(results["skipped"]) == {"feature_norm"}
-    assert "no blocks" in results["skipped"]["feature_norm"]
+    # head: fc alone: features from fc's input, the 8 BasicBlocks found, so FeatureNorm runs too
+    assert set(results["metrics"]) == {"msp", "max_logit", "energy", "ash_p", "ash_b", "ash_s", "weiper", "feature_norm"}
+    assert results["skipped"] == {}
+    assert 0 <= results["detectors"]["feature_norm"]["selected_block"] < 8
     assert results["id"]["n"] == SIZES["test"]
     assert {s: v["n"] for s, v in results["ood"].items()} == {"near_noise": 17, "far_blobs": 11}
     assert results["detectors"]["weiper"]["n_train"] == SIZES["train"]
@@ -240,3 +241,168 @@ def test_user_modules_in_the_working_directory_import_with_their_real_errors(tmp
         import_class("usernet_broken.Net")
     with pytest.raises(ValueError, match=r"module 'usernet_ok' \(.*usernet_ok.py\) has no attribute 'Nett'"):
         import_class("usernet_ok.Nett")
+
+
+# ----------------------------------------------------------------- any backbone (issue 13)
+TINY = "tests.nn.test_taps.TinyCifarResNet"  # akamaster-style: F.avg_pool2d in forward, head `linear`
+
+
+def _hand_block_norms(network, names, x):
+    """FeatureNorm of each named block's output, from hand-written forward hooks (float64)."""
+    maps = []
+    handles = [network.get_submodule(n).register_forward_hook(lambda m, a, z: maps.append(z.detach().double()))
+               for n in names]
+    with torch.no_grad():
+        network(x)
+    for handle in handles:
+        handle.remove()
+    return torch.stack([z.clamp(min=0).pow(2).sum(dim=(2, 3)).sqrt().mean(dim=1) for z in maps], dim=1)
+
+
+def test_functional_pooling_network_with_head_alone_runs_feature_norm_and_exports(tmp_path):
+    """head: linear is all a user names: features are the head's input, the blocks are found,
+    FeatureNorm fits (NormRatio) and scores, and the .pt2 program equals the eager model."""
+    from lightning_ood.deploy import load_program
+
+    torch.manual_seed(0)
+    model = PostHocClassifier(TINY, init_args={"num_classes": NUM_CLASSES}, head="linear")
+    assert model.block_names == ["layer1.0", "layer2.0", "layer3.0"] and model.num_blocks == 3
+    assert model.backbone.num_blocks == 3 and model.backbone.num_features == 64
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    inputs = []
+    handle = model.network.linear.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        out = model.forward_outputs(x, with_block_norms=True)
+    handle.remove()
+    assert torch.equal(out.features, inputs[0])
+    torch.testing.assert_close(out.block_norms.double(), _hand_block_norms(model.network, model.block_names, x))
+    model.check_forward(x)
+
+    callback = make_callback(detectors=["msp", "feature_norm"], output_dir=str(tmp_path), save_checkpoint=True)
+    datamodule = RandomOODDataModule()
+    pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=datamodule)
+    results = callback.results
+    assert set(results["metrics"]) == {"msp", "feature_norm"} and results["skipped"] == {}
+    fitted = results["detectors"]["feature_norm"]
+    assert 0 <= fitted["selected_block"] < 3 and len(fitted["ratios"]) == 3
+    # the report names the chosen block by its module name
+    assert fitted["selected_block_name"] == model.block_names[fitted["selected_block"]]
+    from lightning_ood.evaluation.report import summary_text
+
+    assert f"selected block {fitted['selected_block']} ({fitted['selected_block_name']}) of 3" in summary_text(results)
+    assert fitted["num_fit_images"] == SIZES["train"]
+    detector = model.detectors["feature_norm"]
+    assert int(detector.selected_block) == int(detector.ratios.argmax())
+
+    program, metadata = load_program(callback.checkpoint_path)
+    assert metadata["detectors"] == ["msp", "feature_norm"] and metadata["not_exported"] == {}
+    images = datamodule.test_set.dataset.tensors[0][:5]
+    model.eval()
+    with torch.no_grad():
+        got = program(images)
+        expected = model.forward_outputs(images, with_block_norms=True)
+        torch.testing.assert_close(got["logits"], expected.logits, rtol=1e-6, atol=1e-6)
+        for name, detector in model.detectors.items():
+            torch.testing.assert_close(got["scores"][name], detector(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_torchvision_resnet18_auto_blocks_equal_hand_written_hooks():
+    torch.manual_seed(0)
+    model = _resnet(None).eval()  # head fc by default, no penultimate
+    assert model.hparams["penultimate"] is None and model.hparams["blocks"] == "auto"
+    assert model.block_names == [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+    assert all(type(model.network.get_submodule(n)).__name__ == "BasicBlock" for n in model.block_names)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model.forward_outputs(x, with_block_norms=True)
+        plain = model.forward_outputs(x)
+    assert out.block_norms.shape == (3, 8) and plain.block_norms is None
+    torch.testing.assert_close(out.block_norms.double(), _hand_block_norms(model.network, model.block_names, x))
+    # the features are the pooled ones torchvision's avgpool gives, read from fc's input
+    pooled = []
+    handle = model.network.avgpool.register_forward_hook(lambda m, a, z: pooled.append(torch.flatten(z, 1)))
+    with torch.no_grad():
+        model.network(x)
+    handle.remove()
+    torch.testing.assert_close(out.features, pooled[0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.network.modules())
+
+
+@pytest.mark.parametrize("blocks, names", [
+    ("layer4.*", ["layer4.0", "layer4.1"]),
+    ("BasicBlock", [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]),
+    (["layer3.1", "layer4.1"], ["layer3.1", "layer4.1"]),
+    ("none", []),
+])
+def test_block_specs(blocks, names):
+    model = _resnet(None, blocks=blocks).eval()
+    assert model.block_names == names and model.backbone.num_blocks == len(names)
+    with torch.no_grad():
+        norms = model.forward_outputs(torch.randn(2, 3, 16, 16), with_block_norms=True).block_norms
+    assert (norms is None) if not names else norms.shape == (2, len(names))
+
+
+def test_feature_norm_is_skipped_only_without_blocks():
+    from lightning_ood.detectors import FeatureNorm
+
+    model = PostHocClassifier("tests.ddp_eval_script.FlatMLP", penultimate="hidden", head="fc")
+    assert model.num_blocks == 0 and "no blocks" in FeatureNorm().skip_reason(model.head, model.backbone.num_blocks)
+    assert FeatureNorm().skip_reason(_resnet(None).head, _resnet(None).backbone.num_blocks) is None
+
+
+def test_dry_forward_names_the_problem_and_the_fix():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    wide = PostHocClassifier(TINY, head="linear", penultimate="layer3")
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"penultimate: 'layer3' gives features of width D = 4096 .* the head 'linear' "
+                                         r"expects in_features = 64: leave penultimate unset"):
+        wide.check_forward(x)
+    assert wide.training  # modes are left as they were, and BatchNorm statistics too
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"returns \(2, 3\), but the evaluation needs logits \(B, 5\)"):
+        PostHocClassifier(TINY, head="layer3.0", num_classes=5, blocks="none").check_forward(x)
+    with pytest.raises(ValueError, match=r"block 'linear' \(Linear\) gives \(2, 3\), not a \(B, C, H, W\) feature map"):
+        PostHocClassifier(TINY, head="linear", blocks=["layer1.0", "linear"]).check_forward(x)
+    with pytest.raises(ValueError, match=r"the pattern 'stage\*' matches no module name of TinyCifarResNet.*'layer1.0'"):
+        PostHocClassifier(TINY, head="linear", blocks="stage*")
+    with pytest.raises(ValueError, match=r"the network fails on a test batch of shape \(2, 1, 32, 32\)"):
+        PostHocClassifier(TINY, head="linear").check_forward(x[:, :1])
+
+
+def test_timm_model_by_class_path_with_its_classifier_as_default_head():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = PostHocClassifier("timm.create_model", init_args={"model_name": "convnext_atto", "num_classes": 3,
+                                                               "pretrained": False}).eval()
+    assert model.head_name == "head.fc" and model.num_blocks == 12
+    assert model.block_names[:2] == ["stages.0.blocks.0", "stages.0.blocks.1"]
+    x = torch.randn(2, 3, 32, 32)
+    model.check_forward(x)
+    with torch.no_grad():
+        out = model.forward_outputs(x, with_block_norms=True)
+    torch.testing.assert_close(out.block_norms.double(), _hand_block_norms(model.network, model.block_names, x))
+    torch.testing.assert_close(model.head(out.features), out.logits)
+
+
+def test_data_parallel_checkpoint_loads(tmp_path):
+    """{"state_dict": ...} with nn.DataParallel's "module." prefix (akamaster's .th files)."""
+    torch.manual_seed(0)
+    network = torch.nn.DataParallel(torchvision.models.resnet18(num_classes=NUM_CLASSES))
+    path = tmp_path / "resnet18.th"
+    torch.save({"epoch": 3, "state_dict": network.state_dict()}, path)
+    model = _resnet(str(path))
+    for name, tensor in model.network.state_dict().items():
+        assert torch.equal(tensor, network.module.state_dict()[name]), name
+
+
+def test_a_wrong_penultimate_fails_in_setup_before_the_fitting_pass(tmp_path):
+    """The callback's dry forward pass on one test batch: a feature width that does not fit
+    the head fails before any image of the (possibly huge) fitting pass is read."""
+    model = _resnet(None, penultimate="layer3")
+    callback = make_callback(detectors=["msp", "weiper"], output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="penultimate: 'layer3' gives features of width D = .*leave penultimate unset"):
+        pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
+    assert not hasattr(callback, "_collector")  # on_test_start (attach, fit, tuning) never ran

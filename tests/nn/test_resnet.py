@@ -4,12 +4,17 @@ import torch
 import torchvision
 from torch import nn
 
+from lightning_ood.nn.taps import Taps
 from lightning_ood.nn.resnet import BACKBONES, ResNetBackbone, build_backbone, split_torchvision_state_dict
 from lightning_ood.lightning.module import OODClassifier
 
 
-def _identity(t):
-    return t
+def _block_outputs(net, x):
+    """Pooled features and every block's output, read through the taps (identity reduce)."""
+    taps = Taps(blocks=net.named_blocks(), reduce=lambda t: t)
+    with taps.capture() as captured:
+        pooled = net(x)
+    return pooled, captured.block_values
 
 
 def test_resnet18_cifar_stem_block_outputs():
@@ -17,12 +22,14 @@ def test_resnet18_cifar_stem_block_outputs():
     net = build_backbone("resnet18").eval()
     assert net.cifar_stem and net.num_blocks == 8 and net.num_features == 512
     with torch.no_grad():
-        pooled, blocks = net(torch.randn(2, 3, 32, 32), block_fn=_identity)
+        pooled, blocks = _block_outputs(net, torch.randn(2, 3, 32, 32))
     expected = [(64, 32), (64, 32), (128, 16), (128, 16), (256, 8), (256, 8), (512, 4), (512, 4)]
     assert [tuple(b.shape) for b in blocks] == [(2, c, s, s) for c, s in expected]
     assert pooled.shape == (2, 512)
     # the pooled features are the spatial mean of the last block's output
     torch.testing.assert_close(pooled, blocks[-1].mean(dim=(2, 3)))
+    assert [name for name, _ in net.named_blocks()] == [f"layer{s}.{i}" for s in range(1, 5) for i in range(2)]
+    assert [b for _, b in net.named_blocks()] == net.blocks()
 
 
 def test_resnet50_imagenet_stem_block_outputs():
@@ -30,25 +37,28 @@ def test_resnet50_imagenet_stem_block_outputs():
     net = build_backbone("resnet50").eval()
     assert not net.cifar_stem and net.num_blocks == 16 and net.num_features == 2048
     with torch.no_grad():
-        pooled, blocks = net(torch.randn(1, 3, 64, 64), block_fn=_identity)
+        pooled, blocks = _block_outputs(net, torch.randn(1, 3, 64, 64))
     expected = [(256, 16)] * 3 + [(512, 8)] * 4 + [(1024, 4)] * 6 + [(2048, 2)] * 3
     assert [tuple(b.shape) for b in blocks] == [(1, c, s, s) for c, s in expected]
     assert pooled.shape == (1, 2048)
     torch.testing.assert_close(pooled, blocks[-1].mean(dim=(2, 3)))
 
 
-def test_block_fn_reduces_each_block_and_none_returns_no_blocks():
+def test_block_taps_reduce_each_block_and_leave_no_hooks():
     torch.manual_seed(0)
     net = build_backbone("resnet18", width=8).eval()
     x = torch.randn(3, 3, 32, 32)
+    sums = Taps(blocks=net.named_blocks(), reduce=lambda t: t.sum(dim=(1, 2, 3)))
     with torch.no_grad():
-        pooled, none = net(x)
-        pooled2, sums = net(x, block_fn=lambda t: t.sum(dim=(1, 2, 3)))
-        _, full = net(x, block_fn=_identity)
-    assert none is None
+        pooled = net(x)
+        with sums.capture() as captured:
+            pooled2 = net(x)
+        _, full = _block_outputs(net, x)
     torch.testing.assert_close(pooled, pooled2)
-    assert len(sums) == 8 and all(s.shape == (3,) for s in sums)
-    torch.testing.assert_close(torch.stack(sums), torch.stack([b.sum(dim=(1, 2, 3)) for b in full]))
+    norms = sums.block_norms(captured)
+    assert norms.shape == (3, 8)
+    torch.testing.assert_close(norms, torch.stack([b.sum(dim=(1, 2, 3)) for b in full], dim=1))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
 
 @pytest.mark.parametrize("arch, expansion", [("resnet18", 1), ("resnet50", 4)])
@@ -58,7 +68,7 @@ def test_width_scales_every_stage(arch, expansion):
     assert net.conv1.out_channels == 8 and net.conv1.kernel_size == (3, 3)
     assert isinstance(net.maxpool, nn.Identity)
     with torch.no_grad():
-        pooled, _ = net.eval()(torch.randn(2, 3, 32, 32))
+        pooled = net.eval()(torch.randn(2, 3, 32, 32))
     assert pooled.shape == (2, 8 * 8 * expansion)
 
 
@@ -110,7 +120,7 @@ def test_torchvision_weights_nested_under_state_dict_key_and_other_class_count(t
     reference.fc = nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone(x)[0], reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.backbone(x), reference(x), atol=1e-5, rtol=1e-5)
     assert model.head.weight.shape == (10, 512)
 
 
