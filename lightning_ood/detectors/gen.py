@@ -27,13 +27,13 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
     """GEN score ``-sum_{j in top-M} p_j^gamma (1 - p_j)^gamma`` (higher = ID).
 
     Liu et al., CVPR 2023. ``p = softmax(logits)``; the sum runs over the ``min(M, C)``
-    largest probabilities. Computed in float64 in log space, ``exp(gamma * (log p +
-    log(1 - p)))``: ``log p`` is the log-softmax, and ``log(1 - p)`` is ``log1p(-p)`` for
-    every class except the most probable one (the only one that can exceed 1/2), whose
-    complement is the softmax mass of all other classes, ``logsumexp(others) -
-    logsumexp(all)``. So a very confident sample keeps its small ``(1 - p)^gamma`` term
-    instead of rounding ``1 - p`` to 0 (float32 does that for any ``p > 1 - 6e-8``), and
-    the score is finite for any finite logits.
+    largest probabilities. Computed in log space in the logits' dtype,
+    ``exp(gamma * (log p + log(1 - p)))``: ``log(1 - p)`` is ``log1p(-p)`` for every class
+    except the most probable one (the only one that can exceed 1/2), whose complement is the
+    softmax mass of all other classes, a ``logsumexp`` of their ``log p``. So a very
+    confident sample keeps its small ``(1 - p)^gamma`` term instead of rounding ``1 - p`` to
+    0 (float32 does that for any ``p > 1 - 6e-8``), and the score is finite for any finite
+    logits.
 
     Args:
         logits: (B, C) logits; not modified.
@@ -51,25 +51,23 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"GEN expects (B, C) logits with C >= 1; got {tuple(logits.shape)}")
     check_finite(logits, "GEN input logits")
-    x = logits.double()
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     m = min(int(M), x.shape[1])
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    if m == x.shape[1]:  # every class: no top-M selection, only the most probable class is special
-        first = x.argmax(dim=1, keepdim=True)
-        log_p = x - lse
-        log_q = torch.log1p(-torch.exp(log_p))      # accurate wherever p <= 1/2
-        others = x.scatter(1, first, float("-inf"))
-        log_q_top = torch.logsumexp(others, dim=1, keepdim=True) - lse  # -inf when C = 1 (p = 1)
-        log_q = log_q.scatter(1, first, log_q_top)
+    # log space throughout: log p from log_softmax; log(1 - p) is log1p(-p) for every class but
+    # the most probable one (the only one that can exceed 1/2), whose complement is the softmax
+    # mass of all the others, a logsumexp of their log p (-inf when C = 1: its term is 0). No
+    # 1 - p is ever rounded, so a very confident sample keeps its small (1 - p)^gamma.
+    log_p = torch.log_softmax(x, dim=1)
+    top = log_p.argmax(dim=1, keepdim=True)
+    log_q_top = torch.logsumexp(log_p.scatter(1, top, float("-inf")), dim=1, keepdim=True)
+    if m < x.shape[1]:  # the top M (unsorted: the sum does not need their order)
+        log_p, columns = log_p.topk(m, dim=1, sorted=False)
+        is_top = columns == top
     else:
-        top, index = x.topk(m, dim=1)               # descending: column 0 is the most probable class
-        log_p = top - lse
-        log_q = torch.log1p(-torch.exp(log_p))      # accurate wherever p <= 1/2
-        others = x.scatter(1, index[:, :1], float("-inf"))
-        log_q_top = torch.logsumexp(others, dim=1, keepdim=True) - lse  # -inf when C = 1 (p = 1)
-        log_q = torch.cat([log_q_top, log_q[:, 1:]], dim=1)
+        is_top = torch.arange(x.shape[1], device=x.device) == top
+    log_q = torch.where(is_top, log_q_top, torch.log1p(-torch.exp(log_p)))
     terms = torch.exp(float(gamma) * (log_p + log_q))
-    return (-terms.sum(dim=1)).to(torch.promote_types(logits.dtype, torch.float32))
+    return -terms.sum(dim=1)
 
 
 @register("gen", defaults={"*": {"gamma": 0.1, "M": 100}, "imagenet": {"gamma": 0.1, "M": 100}})
@@ -86,7 +84,7 @@ class GEN(Detector):
 
     Deviations from the authors' code (XixiLiu95/GEN ``benchmark.py``):
 
-    * computed in float64 log space, with ``1 - p`` of the most probable class taken from
+    * computed in log space (the logits' dtype), with ``1 - p`` of the most probable class taken from
       the other classes' softmax mass (theirs evaluates ``(1 - p)**gamma`` on the rounded
       softmax, which is exactly 0 for every very confident sample, so those samples tie).
       On ordinary logits the two agree to float precision.
