@@ -21,9 +21,6 @@ from lightning_ood.detectors.base import Detector
 
 D = TypeVar("D", bound=type)
 
-FAMILIES = ("cifar10", "cifar100", "imagenet")
-
-
 @dataclass(frozen=True)
 class DetectorEntry:
     """One registered name.

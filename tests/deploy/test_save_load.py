@@ -523,3 +523,20 @@ def test_calling_the_model_checks_its_input_and_names_preprocess(evaluated, x, e
     with pytest.raises(error, match=message) as caught:
         model(x)
     assert "model.preprocess(images)" in str(caught.value)
+
+
+def test_model_files_record_the_network_arguments_and_ignore_only_training_ones():
+    """A served network is rebuilt from the Classifier arguments; every other argument an
+    (older) file may record is one of OODClassifier's training-only ones, so load never drops
+    something that shapes the network."""
+    import inspect
+
+    from lightning_ood.deploy.load import TRAINING_ONLY_ARGUMENTS
+    from lightning_ood.nn.classifier import NETWORK_ARGUMENTS, Classifier
+
+    network = list(inspect.signature(Classifier.__init__).parameters)[1:]
+    training = list(inspect.signature(OODClassifier.__init__).parameters)[1:]
+    assert tuple(network) == NETWORK_ARGUMENTS
+    assert set(training) == set(NETWORK_ARGUMENTS) | set(TRAINING_ONLY_ARGUMENTS)
+    assert not set(NETWORK_ARGUMENTS) & set(TRAINING_ONLY_ARGUMENTS)
+    assert set(Classifier("resnet18", "ce", 3, width=4).config) == set(NETWORK_ARGUMENTS)
