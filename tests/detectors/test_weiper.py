@@ -329,3 +329,24 @@ def test_degenerate_inputs() -> None:
         unfitted.score_features(test[:2])
     with pytest.raises(ValueError, match="D = 8"):
         det.score_features(torch.zeros(2, 8))
+
+
+def test_the_export_kernel_counts_exactly_like_the_eager_bincount(monkeypatch):
+    """scaled_bin_counts uses bincount eagerly and a fixed-size scatter_add under torch.export
+    (bincount's output size depends on the values); both give the same counts, overflow
+    (values below lo, above hi) dropped and hi itself in the last bin."""
+    from lightning_ood.detectors import weiper as weiper_module
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(7, 300, generator=generator) * 2
+    values[0, :3] = torch.tensor([-1.5, 1.5, 9.0])  # lo, hi and an overflow value
+    lo, hi, n_bins = -1.5, 1.5, 10
+    scale = weiper_module.bin_scale(lo, hi, n_bins)
+    eager = weiper_module.scaled_bin_counts(values, lo, scale, n_bins)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exported_kernel = weiper_module.scaled_bin_counts(values, lo, scale, n_bins)
+    assert torch.equal(eager, exported_kernel)
+    inside = ((values >= lo) & (values <= hi)).sum(dim=1)
+    assert torch.equal(eager.sum(dim=1), inside)  # overflow dropped, hi counted
+    hand = torch.stack([torch.histc(row[(row >= lo) & (row <= hi)], bins=n_bins, min=lo, max=hi) for row in values])
+    assert torch.equal(eager.to(hand.dtype), hand)
