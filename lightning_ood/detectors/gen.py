@@ -61,13 +61,10 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
     top = log_p.argmax(dim=1, keepdim=True)
     log_q_top = torch.logsumexp(log_p.scatter(1, top, float("-inf")), dim=1, keepdim=True)
     if m < x.shape[1]:  # the top M (unsorted: the sum does not need their order)
-        log_p, columns = log_p.topk(m, dim=1, sorted=False)
-        is_top = columns == top
-    else:
-        is_top = torch.arange(x.shape[1], device=x.device) == top
-    log_q = torch.where(is_top, log_q_top, torch.log1p(-torch.exp(log_p)))
-    terms = torch.exp(float(gamma) * (log_p + log_q))
-    return -terms.sum(dim=1)
+        log_p = log_p.topk(m, dim=1, sorted=False).values
+        top = log_p.argmax(dim=1, keepdim=True)  # the most probable class's column among them
+    log_q = torch.exp(log_p).neg_().log1p_().scatter_(1, top, log_q_top)
+    return torch.exp(log_q.add_(log_p).mul_(float(gamma))).sum(dim=1).neg_()
 
 
 @register("gen", defaults={"*": {"gamma": 0.1, "M": 100}, "imagenet": {"gamma": 0.1, "M": 100}})
