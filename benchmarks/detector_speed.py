@@ -310,7 +310,7 @@ AUROC_NOTES = {
     "mahalanobis": "theirs: 0.5 x squared distance under inv(sum of outer products + 1e-6 I); same ranking up to "
                    "the ridge / pseudo-inverse",
     "rmd": "theirs: (MD_c - MD_0) / N under inv(sums + 1e-6 I); same ranking up to the ridge / pseudo-inverse",
-    "gen": "theirs: mean (ours: sum) over the top M, p clamped to [1e-7, 1 - 1e-7]; ours exact in float64",
+    "gen": "theirs: mean (ours: sum) over the top M, p clamped to [1e-7, 1 - 1e-7]; ours exact in log space",
     "vim": "theirs: float32 covariance / eigh, ours float64",
     "dice": "theirs: float32 contributions / torch.quantile, ours float64",
 }
