@@ -2,10 +2,11 @@
 with an OOD-aware objective, as a LightningModule."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import restricted_string_type
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -14,6 +15,10 @@ from lightning_ood.checks import check_number
 from lightning_ood.nn.classifier import Classifier
 from lightning_ood.nn.objectives import objective
 from lightning_ood.nn.resnet import split_torchvision_state_dict
+from lightning_ood.nn.timm_backbone import TimmBackbone
+
+#: ``timm:<name>`` (checked when the CLI parses the config; the name itself when built).
+TimmModelName = restricted_string_type("TimmModelName", r"^timm:\S+$")
 
 Batch = tuple[Tensor, Tensor, Tensor]  # images, labels, sample indices
 
@@ -22,7 +27,9 @@ class OODClassifier(Classifier, pl.LightningModule):
     """An image classifier trained with an OOD-aware objective.
 
     Args:
-        backbone: ``resnet18`` (CIFAR stem by default) or ``resnet50`` (ImageNet stem).
+        backbone: ``resnet18`` (CIFAR stem by default), ``resnet50`` (ImageNet stem) or
+            ``timm:<name>`` (a timm model, e.g. ``timm:convnext_tiny``; optional dependency,
+            ``pip install lightning_ood[timm]``). Its blocks feed FeatureNorm like the ResNets'.
         loss: ``ce`` (linear head, softmax cross-entropy), ``isomax_plus`` (IsoMax+
             distance head + entropic-scale loss) or ``l2_norm`` (features L2-normalised
             before the linear head in training only).
@@ -45,7 +52,7 @@ class OODClassifier(Classifier, pl.LightningModule):
 
     def __init__(
         self,
-        backbone: Literal["resnet18", "resnet50"] = "resnet18",
+        backbone: Union[Literal["resnet18", "resnet50"], TimmModelName] = "resnet18",
         loss: Literal["ce", "isomax_plus", "l2_norm"] = "ce",
         num_classes: int = 10,
         cifar_stem: Optional[bool] = None,
@@ -86,9 +93,22 @@ class OODClassifier(Classifier, pl.LightningModule):
             self.load_torchvision_weights(pretrained)
 
     def load_torchvision_weights(self, path: str) -> None:
-        """Load a torchvision ResNet ``state_dict`` file into the backbone (and head)."""
+        """Load a torchvision ResNet ``state_dict`` file into the backbone (and head); for a
+        ``timm:`` backbone, a state_dict of that timm model (its classifier entries are
+        left out: the head is the objective's)."""
         from lightning_ood.io import load_state_dict_file
 
+        if isinstance(self.backbone, TimmBackbone):
+            state = load_state_dict_file(path)
+            own = self.backbone.net.state_dict()
+            missing = [k for k in own if k not in state]
+            mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                          if k in state and state[k].shape != v.shape]
+            if missing or mismatched:
+                raise ValueError(f"{path} does not fit {self.hparams['backbone']}: missing {missing[:5]}, shape mismatch "
+                                 f"(file vs model) {mismatched[:5]}")
+            self.backbone.net.load_state_dict({k: state[k] for k in own})
+            return
         backbone_state, head_state = split_torchvision_state_dict(load_state_dict_file(path))
         own = self.backbone.state_dict()
         missing = [k for k in own if k not in backbone_state]

@@ -6,6 +6,7 @@ pass every detector reads.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,8 @@ from lightning_ood.detectors.functional import feature_norm
 from lightning_ood.nn.objectives import objective
 from lightning_ood.nn.resnet import build_backbone
 from lightning_ood.nn.taps import Taps
+from lightning_ood.nn.timm_backbone import PREFIX as TIMM_PREFIX
+from lightning_ood.nn.timm_backbone import TimmBackbone
 
 #: Constructor arguments of :class:`Classifier` (what a model file records).
 NETWORK_ARGUMENTS = ("backbone", "loss", "num_classes", "cifar_stem", "width", "l2_temperature", "channels_last")
@@ -25,7 +28,8 @@ class Classifier(nn.Module):
     """A ResNet backbone, the head of a training objective, and a ``detectors`` dict.
 
     Args:
-        backbone: ``resnet18`` (CIFAR stem by default) or ``resnet50`` (ImageNet stem).
+        backbone: ``resnet18`` (CIFAR stem by default), ``resnet50`` (ImageNet stem) or
+            ``timm:<name>`` (a timm model; optional dependency).
         loss: the training objective (:data:`lightning_ood.nn.objectives.OBJECTIVES`),
             which decides the head.
         num_classes: number of ID classes.
@@ -44,7 +48,13 @@ class Classifier(nn.Module):
         self.config: dict[str, Any] = dict(backbone=backbone, loss=loss, num_classes=num_classes,
                                            cifar_stem=cifar_stem, width=width, l2_temperature=l2_temperature,
                                            channels_last=channels_last)
-        self.backbone = build_backbone(backbone, cifar_stem, width)
+        if backbone.startswith(TIMM_PREFIX):
+            if cifar_stem is not None or width != 64:  # e.g. a recipe config written for the ResNets
+                warnings.warn(f"cifar_stem={cifar_stem} and width={width} apply to the project's ResNets and are "
+                              f"ignored for {backbone} (choose the timm model of the size you want)", stacklevel=2)
+            self.backbone: nn.Module = TimmBackbone(backbone[len(TIMM_PREFIX):])
+        else:
+            self.backbone = build_backbone(backbone, cifar_stem, width)
         self.head = objective(loss).head(self.backbone.num_features, num_classes, l2_temperature)
         self.detectors = nn.ModuleDict()
         self.channels_last = channels_last
