@@ -12,7 +12,7 @@ from lightning_ood.detectors.registry import register
 
 _SHAPERS: dict[str, Callable[[Tensor, float], Tensor]] = {"p": ash_p, "b": ash_b, "s": ash_s}
 #: Pruning percentiles tried by the tuning (the paper's own sweep spans 10-99).
-PERCENTILE_GRID: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 65, 70, 75, 80, 85, 90, 95)
+PERCENTILE_GRID: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0)
 #: The authors' configs: ImageNet ResNet-50 ASH-S@90, CIFAR ASH-S@95.
 PUBLISHED_PERCENTILE = {"*": {"percentile": 95.0}, "imagenet": {"percentile": 90.0}}
 
