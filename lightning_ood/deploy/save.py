@@ -45,7 +45,8 @@ def save_with_detectors(
         ``path`` as a string.
 
     Raises:
-        CheckpointError: the module is not an ``OODClassifier``, a detector's class is not
+        CheckpointError: the module is not a ``Classifier`` (e.g. an ``OODClassifier``) or an
+            ``OODModel``, a detector's class is not
             one of :mod:`lightning_ood.detectors` (see :func:`detector_classes`), or a
             configuration value is not a plain Python value.
     """

@@ -97,7 +97,8 @@ class FitData:
         jigsaw_block_norms: (N, n_blocks) per-block FeatureNorm of their jigsaw-shuffled
             versions (pseudo-OOD), or ``None``.
         labels: (N,) class labels of the same images, or ``None``.
-        logits: (N, C) logits of the same images, or ``None``.
+        logits: (N, C) logits of the same images, or ``None`` (kept only when a detector
+            sets ``requires_fit_logits``).
     """
 
     features: Tensor
@@ -131,6 +132,8 @@ class Detector(nn.Module):
     * ``requires_fit``: needs ID training statistics (:meth:`fit` must run before scoring).
     * ``requires_jigsaw``: its fit reads ``FitData.jigsaw_block_norms``.
     * ``requires_labels``: its fit reads ``FitData.labels``.
+    * ``requires_fit_logits``: its fit reads ``FitData.logits`` (kept only when asked for:
+      N x C floats).
     * ``changes_logits``: :meth:`shaped_logits` gives logits that differ from the model's
       (e.g. ASH), so the report also shows their ID accuracy.
     * ``assumes_nonnegative_features``: meant for post-ReLU pooled features; the
@@ -147,6 +150,7 @@ class Detector(nn.Module):
     requires_fit: ClassVar[bool] = False
     requires_jigsaw: ClassVar[bool] = False
     requires_labels: ClassVar[bool] = False
+    requires_fit_logits: ClassVar[bool] = False
     changes_logits: ClassVar[bool] = False
     assumes_nonnegative_features: ClassVar[bool] = False
     tuning_grid: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -155,6 +159,8 @@ class Detector(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # a user's detector without a name: its class name
+            cls.name = cls.__name__.lower()
         unknown = set(cls.reads) - set(INPUTS)
         if unknown:
             raise TypeError(f"{cls.__name__}.reads has {sorted(unknown)}; valid inputs: {INPUTS}")

@@ -63,7 +63,7 @@ def register(name: str, *, fixed: Optional[Mapping[str, Any]] = None,
         if not (isinstance(cls, type) and issubclass(cls, Detector)):
             raise TypeError(f"register({name!r}) decorates Detector subclasses, got {cls!r}")
         key = name.lower()
-        taken = [n for n in (key, *aliases) if n in _REGISTRY or n in _ALIASES]
+        taken = [n for n in (key, *(a.lower() for a in aliases)) if n in _REGISTRY or n in _ALIASES]
         if taken:
             raise ValueError(f"detector name(s) {taken} already registered")
         _REGISTRY[key] = DetectorEntry(key, cls, dict(fixed or {}), {k: dict(v) for k, v in (defaults or {}).items()},

@@ -75,17 +75,19 @@ def jigsaw_batch(images: Tensor, indices: Tensor, seed: int) -> Tensor:
 def fit_pass(batches: Batches, prepare: Prepare, forward: Forward, detectors: Sequence[Detector], jigsaw_seed: int,
              feature_width: int, num_blocks: int, num_classes: int, device: torch.device) -> FitData:
     """One streamed pass over (this rank's shard of) the ID training subset, keeping what
-    the detectors that need fitting read: features and logits always, block norms, their
+    the detectors that need fitting read: features always; logits, block norms, their
     jigsaw versions and labels only when some detector asks for them."""
     need_blocks = any(d.requires_block_norms for d in detectors)
     need_jigsaw = any(d.requires_jigsaw for d in detectors)
     need_labels = any(d.requires_labels for d in detectors)
+    need_logits = any(d.requires_fit_logits for d in detectors)
     features, block_norms, jigsaw_norms, labels, logits = [], [], [], [], []
     for images, targets, indices in batches:
         images = prepare(images)
         outputs = forward(images, need_blocks)
         features.append(outputs.features)
-        logits.append(outputs.logits)
+        if need_logits:
+            logits.append(outputs.logits)
         if need_labels:
             labels.append(targets.to(device))
         if outputs.block_norms is not None:
@@ -102,7 +104,7 @@ def fit_pass(batches: Batches, prepare: Prepare, forward: Forward, detectors: Se
         block_norms=cat(block_norms, (0, num_blocks)) if need_blocks else None,
         jigsaw_block_norms=cat(jigsaw_norms, (0, num_blocks)) if need_jigsaw else None,
         labels=cat(labels, (0,), torch.long) if need_labels else None,
-        logits=cat(logits, (0, num_classes)),
+        logits=cat(logits, (0, num_classes)) if need_logits else None,
     )
 
 

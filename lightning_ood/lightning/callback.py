@@ -67,7 +67,8 @@ class OODEvaluation(pl.Callback):
         plots: save score histograms and ROC curves as PNGs (and log them to W&B).
         keep_id_fraction: per-detector thresholds stored in the results keep this fraction
             of the ID test samples (score >= threshold = ID).
-        tune: how ASH's percentile and WeiPer's hyper-parameters are chosen:
+        tune: how the hyper-parameters of detectors with a ``tuning_grid`` (ASH's percentile,
+            WeiPer's delta/lambdas/widths, KNN's k, ...) are chosen:
             ``jigsaw`` (default: held-out ID validation images vs their jigsaw versions),
             ``ood_val`` (against ``ood_val_sets``, OpenOOD's protocol) or ``defaults``
             (the published values, for reproducing papers). Never uses the test sets.
@@ -164,10 +165,6 @@ class OODEvaluation(pl.Callback):
         datamodule.setup("test")
         if not datamodule.ood_test_sets:
             raise ValueError("the datamodule declares no OOD sets: add data.ood_sets (name/path and near/far group)")
-        if stage == "test" and hasattr(pl_module, "check_forward") and len(datamodule.test_set) > 0:
-            # one dry forward pass (no collective) before any compute: a wrong feature width,
-            # head or block spec fails now, not after the fitting pass
-            pl_module.check_forward(torch.stack([datamodule.test_set[i][0] for i in range(min(2, len(datamodule.test_set)))]))
         # built now, so a missing OOD validation folder fails before any compute as well
         self._ood_val_datasets = []
         if self.tune == "ood_val":
@@ -185,6 +182,11 @@ class OODEvaluation(pl.Callback):
                 specs.append(native)
         resolved = resolve_detectors(specs, dataset_family(datamodule), pl_module.head, pl_module.backbone.num_blocks)
         self.skipped, self._to_attach, self._configured = resolved.skipped, resolved.to_attach, resolved.configured
+        if stage == "test" and hasattr(pl_module, "check_forward") and len(datamodule.test_set) > 0:
+            # one dry forward pass (no collective) before any compute: a wrong feature width,
+            # head or block spec fails now, not after the fitting pass
+            images = torch.stack([datamodule.test_set[i][0] for i in range(min(2, len(datamodule.test_set)))])
+            pl_module.check_forward(images, any(d.requires_block_norms for d in self._to_attach.values()))
         needs_fit = [n for n, d in self._to_attach.items() if d.requires_fit]
         if needs_fit and datamodule.fit_set is None:
             raise ValueError(f"detectors {', '.join(needs_fit)} need ID training statistics, "

@@ -43,7 +43,8 @@ class OODClassifier(Classifier, pl.LightningModule):
             ``milestones``) or ``none``.
         milestones, gamma: multi-step schedule.
         pretrained: path of a torchvision ResNet ``state_dict`` file to start from (its
-            ``fc`` is loaded into a ``ce``/``l2_norm`` head when the shapes match).
+            ``fc`` is loaded into a ``ce``/``l2_norm`` head when the shapes match), or, for a
+            ``timm:`` backbone, a state_dict of that timm model.
         channels_last: store the backbone's weights and inputs in channels-last memory
             format (faster convolutions on recent GPUs with mixed precision).
         compile: ``torch.compile`` the backbone at the start of fitting (GPU speed-up;

@@ -151,7 +151,7 @@ class PostHocClassifier(pl.LightningModule):
         block_norms = self.taps.block_norms(captured) if with_block_norms else None
         return ForwardOutputs(logits=logits, features=self.taps.features(captured), block_norms=block_norms).float()
 
-    def check_forward(self, images: Tensor) -> None:
+    def check_forward(self, images: Tensor, with_block_norms: bool = True) -> None:
         """One dry forward pass on (at most two of) ``images``, before any compute.
 
         Raises a ValueError that names the problem and its fix when: the network fails on
@@ -165,7 +165,7 @@ class PostHocClassifier(pl.LightningModule):
         from lightning_ood.nn.classifier import dry_forward
 
         hp = self.hparams
-        outputs = dry_forward(self, images)
+        outputs = dry_forward(self, images, with_block_norms and self.num_blocks > 0)
         logits, features = outputs.logits, outputs.features
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__

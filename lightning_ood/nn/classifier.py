@@ -108,21 +108,24 @@ class Classifier(nn.Module):
         features, block_norms = self._features(x, with_block_norms)
         return ForwardOutputs(logits=self.head(features), features=features, block_norms=block_norms).float()
 
-    def check_forward(self, images: Tensor) -> None:
+    def check_forward(self, images: Tensor, with_block_norms: bool = True) -> None:
         """A dry forward pass on (at most two of) ``images``: raises a ValueError naming the
-        problem when the input does not run, or logits, features or block norms do not have
-        the widths the detectors expect. Leaves train/eval modes and weights untouched."""
-        expected = {"logits": self.num_classes, "features": self.backbone.num_features,
-                    "block_norms": self.num_blocks}
-        outputs = dry_forward(self, images)
+        problem when the input does not run, or logits, features or (``with_block_norms``,
+        for a network with blocks) block norms do not have the widths the detectors expect.
+        Leaves train/eval modes and weights untouched."""
+        expected = {"logits": self.num_classes, "features": self.backbone.num_features}
+        with_block_norms = with_block_norms and self.num_blocks > 0
+        if with_block_norms:
+            expected["block_norms"] = self.num_blocks
+        outputs = dry_forward(self, images, with_block_norms)
         for what, width in expected.items():
             value = getattr(outputs, what)
             if value.dim() != 2 or value.shape[1] != width:
                 raise ValueError(f"Classifier: {what} have shape {tuple(value.shape)}, expected (B, {width})")
 
 
-def dry_forward(model: nn.Module, images: Tensor) -> ForwardOutputs:
-    """``model.forward_outputs(images[:2], with_block_norms=True)`` in eval mode without
+def dry_forward(model: nn.Module, images: Tensor, with_block_norms: bool = True) -> ForwardOutputs:
+    """``model.forward_outputs(images[:2], with_block_norms)`` in eval mode without
     gradients, on the model's device and dtype; modes are restored. A network that fails
     on the batch raises a ValueError saying so."""
     if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] == 0:
@@ -137,7 +140,7 @@ def dry_forward(model: nn.Module, images: Tensor) -> ForwardOutputs:
     try:
         with torch.no_grad():
             try:
-                return model.forward_outputs(batch, with_block_norms=True)
+                return model.forward_outputs(batch, with_block_norms=with_block_norms)
             except ValueError:
                 raise  # already says what is wrong (a tap's own check)
             except Exception as err:

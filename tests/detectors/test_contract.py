@@ -189,3 +189,16 @@ def test_two_processes_fit_every_detector_exactly_like_one():
                 got = results[rank][name][key]
                 assert got.shape == value.shape, (name, key)
                 torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-6, msg=f"{name} rank {rank} {key}")
+
+
+def test_a_users_detector_without_a_name_is_reported_by_its_class_name():
+    class DistanceToOrigin(Detector):
+        reads = ("features",)
+
+        def score(self, outputs: ForwardOutputs) -> torch.Tensor:
+            return -outputs.features.norm(dim=1)
+
+    class Other(DistanceToOrigin):
+        pass
+
+    assert detector_name(DistanceToOrigin()) == "distancetoorigin" and detector_name(Other()) == "other"

@@ -406,3 +406,49 @@ def test_a_wrong_penultimate_fails_in_setup_before_the_fitting_pass(tmp_path):
     with pytest.raises(ValueError, match="penultimate: 'layer3' gives features of width D = .*leave penultimate unset"):
         pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
     assert not hasattr(callback, "_collector")  # on_test_start (attach, fit, tuning) never ran
+
+
+class BasicBlock(torch.nn.Module):
+    """Named like a residual block (so ``blocks: auto`` picks it) but returns flat (B, D)
+    vectors, not feature maps: FeatureNorm cannot read it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+class MLPWithFlatBlocks(torch.nn.Module):
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.flatten = torch.nn.Flatten()
+        self.stem = torch.nn.Linear(3 * 16 * 16, 32)
+        self.block = BasicBlock(32)
+        self.fc = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(self.flatten(x))))
+
+
+def test_the_dry_run_checks_blocks_only_when_a_detector_reads_them(tmp_path):
+    """blocks: auto finds the (flat) BasicBlock; an evaluation that reads no block norms is
+    not refused for it, one with feature_norm is, in setup, naming the block."""
+    model = PostHocClassifier("tests.lightning.test_posthoc.MLPWithFlatBlocks", head="fc")
+    assert model.block_names == ["block"]
+    callback = make_callback(detectors=["msp", "energy"], output_dir=str(tmp_path / "a"))
+    pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
+    assert set(callback.results["metrics"]) == {"msp", "energy"}
+    callback = make_callback(detectors=["msp", "feature_norm"], output_dir=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="block"):
+        pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
+    assert not hasattr(callback, "_collector")
+
+
+def test_a_network_without_blocks_skips_feature_norm_instead_of_crashing(tmp_path):
+    model = PostHocClassifier("tests.lightning.test_posthoc.MLPWithFlatBlocks", head="fc", blocks="none")
+    assert model.num_blocks == 0
+    callback = make_callback(detectors=["msp", "feature_norm"], output_dir=str(tmp_path))
+    pl.Trainer(**trainer_kwargs(callbacks=[callback])).test(model, datamodule=RandomOODDataModule())
+    assert set(callback.results["metrics"]) == {"msp"} and "no blocks" in callback.results["skipped"]["feature_norm"]
