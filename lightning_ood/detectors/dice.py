@@ -128,7 +128,8 @@ class DICE(Detector):
     # ------------------------------------------------------------------ tuning
     def set_hyperparameters(self, **values: Any) -> bool:
         """``sparsity`` changes the mask: it is recomputed from the kept mean right away
-        (when fitted) and ``True`` is returned, so the tuner's refit sees a stale fit."""
+        when the detector is fitted and attached (nothing is stale, ``False``); otherwise
+        ``True`` (a fit is needed)."""
         self.check_grid({key: [value] for key, value in values.items()})
         if "sparsity" not in values:
             return False
@@ -137,6 +138,7 @@ class DICE(Detector):
         self.sparsity = float(values["sparsity"])
         if changed and bool(self.fitted) and self._head:
             self._update_mask()
+            return False
         return changed
 
     def _update_mask(self) -> None:

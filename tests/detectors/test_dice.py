@@ -176,7 +176,9 @@ def test_registry_defaults_and_sparsity_changes_the_mask():
     assert build_detector("dice", "cifar100").sparsity == 90.0
     det = _fitted(TRAIN, 50.0)
     assert det.set_hyperparameters(sparsity=50.0) is False
-    assert det.set_hyperparameters(sparsity=0.0) is True
+    assert det.set_hyperparameters(sparsity=0.0) is False  # the mask is rebuilt from the kept mean: no refit
+    unfitted = DICE(50.0)
+    assert unfitted.set_hyperparameters(sparsity=0.0) is True
     # p = 0: threshold = min(V) = -4, so every entry but the -4 one is kept (strict >)
     assert det.mask.tolist() == [[True, False, True], [True, True, True]]
     refit = _fitted(TRAIN, 0.0)
