@@ -56,8 +56,10 @@ class _ExportModule(nn.Module):
         return result
 
 
-class _ScoreProbe(nn.Module):
-    """One detector's score alone, to find out whether (and why not) it exports."""
+class ScoreProbe(nn.Module):
+    """One detector's score alone as a module taking (logits, features[, block_norms]): what
+    export_program probes to find out whether (and why not) a detector exports, and what tests
+    export."""
 
     def __init__(self, detector: Detector) -> None:
         super().__init__()
@@ -188,7 +190,7 @@ def _export_with_fallback(model: OODModel, names: list[str], example: Tensor,
         batch = Dim("batch", min=1)
         try:
             with _quiet_failures():
-                export(_ScoreProbe(model.detectors[name]),
+                export(ScoreProbe(model.detectors[name]),
                        (outputs.logits, outputs.features, outputs.block_norms),
                        dynamic_shapes=({0: batch}, {0: batch}, None if outputs.block_norms is None else {0: batch}),
                        strict=False)

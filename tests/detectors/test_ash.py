@@ -8,11 +8,7 @@ from lightning_ood.detectors.ash import ASH
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.functional import ash_b, ash_p, ash_s
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
-
-
-def _outputs(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:
-    with torch.no_grad():
-        return ForwardOutputs(logits=head(features), features=features)
+from tests.detectors.helpers import head_outputs
 
 
 def test_hand_example_through_identity_head():
@@ -61,7 +57,7 @@ def test_through_linear_head(variant, fn):
     torch.manual_seed(0)
     head = LinearHead(32, 5)
     features = torch.rand(6, 32) + 0.1  # positive and distinct: which values are kept is unambiguous
-    out = _outputs(head, features)
+    out = head_outputs(head, features)
     before = features.clone()
     detector = ASH(variant, 75)
     detector.attach(head)
@@ -82,7 +78,7 @@ def test_through_isomax_plus_head():
     detector = ASH("s", 90)
     detector.attach(head)
     with torch.no_grad():
-        score = detector(_outputs(head, features))
+        score = detector(head_outputs(head, features))
         expected = torch.logsumexp(head(_reference_shaping(features, "s", 90)), dim=1)
     assert score.shape == (6,) and torch.isfinite(score).all()
     torch.testing.assert_close(score, expected)
@@ -137,7 +133,7 @@ def test_degenerate_features_stay_finite():
     detector.attach(head)
     for features in (torch.zeros(3, 16), -torch.rand(3, 16), torch.randn(1, 16)):
         with torch.no_grad():
-            score = detector(_outputs(head, features))
+            score = detector(head_outputs(head, features))
         assert torch.isfinite(score).all()
 
 

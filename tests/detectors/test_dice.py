@@ -10,11 +10,13 @@ from torch import nn
 from torch.export import Dim
 
 import lightning_ood.detectors.dice as dice_module
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.dice import DICE, dice_mask
 from lightning_ood.detectors.registry import build_detector
 from lightning_ood.evaluation import tuning as tuning_api
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
+from tests.detectors.helpers import head_outputs
 
 W = [[1.0, -2.0, 3.0], [0.5, 4.0, -1.0]]
 B = [0.25, -0.5]
@@ -26,11 +28,6 @@ def _head(weight=W, bias=B) -> nn.Linear:
         head.weight.copy_(torch.tensor(weight))
         head.bias.copy_(torch.tensor(bias))
     return head
-
-
-def _out(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:
-    with torch.no_grad():
-        return ForwardOutputs(logits=head(features), features=features)
 
 
 def _fitted(train: torch.Tensor, sparsity: float = 50.0, head: nn.Module = None) -> DICE:
@@ -57,8 +54,8 @@ def test_hand_computed_mask_on_a_2x3_weight():
     # masked W = [[1, 0, 3], [0, 4, 0]]; f = (1, 1, 1): logits (4.25, 3.5)
     f = torch.tensor([[1.0, 1.0, 1.0]])
     head = det._head[0]
-    torch.testing.assert_close(det.shaped_logits(_out(head, f)), torch.tensor([[4.25, 3.5]]))
-    torch.testing.assert_close(det(_out(head, f)), torch.tensor([math.log(math.exp(4.25) + math.exp(3.5))]))
+    torch.testing.assert_close(det.shaped_logits(head_outputs(head, f)), torch.tensor([[4.25, 3.5]]))
+    torch.testing.assert_close(det(head_outputs(head, f)), torch.tensor([math.log(math.exp(4.25) + math.exp(3.5))]))
 
 
 def test_threshold_equals_numpy_on_random_contributions():
@@ -86,7 +83,7 @@ def test_higher_is_in_distribution():
     id_features[:, :4] += 2.0
     ood = torch.rand(8, 16)
     ood[:, 8:] += 2.0  # as much activation, on units DICE pruned
-    assert det(_out(head, id_features)).min() > det(_out(head, ood)).max()
+    assert det(head_outputs(head, id_features)).min() > det(head_outputs(head, ood)).max()
 
 
 def test_finite_on_zero_constant_and_huge_inputs():
@@ -94,11 +91,11 @@ def test_finite_on_zero_constant_and_huge_inputs():
     head = det._head[0]
     for features in (torch.zeros(3, 3), torch.full((2, 3), 5.0), torch.full((2, 3), 1e30), torch.full((2, 3), -1e30)):
         assert torch.isfinite(det(ForwardOutputs(torch.zeros(features.shape[0], 2), features))).all()
-    torch.testing.assert_close(det(_out(head, torch.zeros(1, 3))), torch.logsumexp(torch.tensor([B]), 1))
+    torch.testing.assert_close(det(head_outputs(head, torch.zeros(1, 3))), torch.logsumexp(torch.tensor([B]), 1))
     # zero or constant training features: a mask still exists and scores stay finite
     for train in (torch.zeros(4, 3), torch.full((4, 3), 2.0)):
         fitted = _fitted(train)
-        assert torch.isfinite(fitted(_out(head, torch.rand(3, 3)))).all()
+        assert torch.isfinite(fitted(head_outputs(head, torch.rand(3, 3)))).all()
 
 
 def test_wrong_shapes_nan_and_bad_arguments():
@@ -165,7 +162,7 @@ def test_state_dict_round_trip_into_a_fresh_attached_detector():
     fresh.load_state_dict(det.state_dict(), strict=True)
     assert bool(fresh.fitted)
     features = torch.rand(5, 3)
-    assert torch.equal(fresh(_out(head, features)), det(_out(head, features)))
+    assert torch.equal(fresh(head_outputs(head, features)), det(head_outputs(head, features)))
     fresh.attach(head)  # attaching again keeps the fit
     assert torch.equal(fresh.mask, det.mask) and bool(fresh.fitted)
     assert list(det.parameters()) == [] and list(det.children()) == []
@@ -187,20 +184,11 @@ def test_registry_defaults_and_sparsity_changes_the_mask():
                               "contribution_threshold": -4.0, "kept_weights": 5}
 
 
-class _Probe(nn.Module):
-    def __init__(self, detector: DICE) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
-
-
 def test_exports_with_a_dynamic_batch():
     head = LinearHead(8, 3)
     det = _fitted(torch.rand(20, 8), 70.0, head)
     batch = Dim("batch", min=1)
-    program = torch.export.export(_Probe(det), (torch.zeros(3, 3), torch.rand(3, 8)),
+    program = torch.export.export(ScoreProbe(det), (torch.zeros(3, 3), torch.rand(3, 8)),
                                   dynamic_shapes=({0: batch}, {0: batch}), strict=False)
     features = torch.rand(6, 8)
     torch.testing.assert_close(program.module()(torch.zeros(6, 3), features),
@@ -220,7 +208,7 @@ def test_tuning_returns_the_best_sparsity():
     ood = torch.rand(40, 16)
     ood[:, 8:] += 2.0
     det = _fitted(train, 90.0, head)
-    data = tuning.TuningData(_out(head, id_features), _out(head, ood), "ood_val", "synthetic")
+    data = tuning.TuningData(head_outputs(head, id_features), head_outputs(head, ood), "ood_val", "synthetic")
     result = tuning.tune_detector(det, data, FitData(features=train), {"sparsity": (0.0, 50.0, 90.0)})
     assert result is not None
     best = max(e["auroc"] for e in result["grid"])

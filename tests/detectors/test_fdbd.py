@@ -10,37 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors import fdbd as fdbd_module
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.fdbd import FDBD, inverse_boundary_norms
 from lightning_ood.detectors.registry import build_detector
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
-
-
-def _head(weight: list[list[float]], bias: list[float]) -> LinearHead:
-    head = LinearHead(len(weight[0]), len(weight))
-    with torch.no_grad():
-        head.weight.copy_(torch.tensor(weight))
-        head.bias.copy_(torch.tensor(bias))
-    return head
-
-
-def _out(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:
-    with torch.no_grad():
-        return ForwardOutputs(logits=head(features), features=features)
-
-
-def _clusters(n: int, seed: int, dim: int = 8, classes: int = 4, ood: bool = False) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    axes = torch.randint(classes, dim, (n,), generator=gen) if ood else torch.randint(0, classes, (n,), generator=gen)
-    return 3.0 * torch.eye(dim)[axes] + 0.3 * torch.randn(n, dim, generator=gen)
-
-
-def _axis_head(seed: int = 0) -> LinearHead:
-    """4 classes reading the first 4 of 8 axes (plus small random parts)."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.cat([torch.eye(4), torch.zeros(4, 4)], dim=1) + 0.05 * torch.randn(4, 8, generator=gen)
-    return _head(weight.tolist(), (0.1 * torch.randn(4, generator=gen)).tolist())
+from tests.detectors.helpers import axis_head, clusters, head_outputs, linear_head
 
 
 def _fitted(head: nn.Module, train: torch.Tensor, **kw) -> FDBD:
@@ -53,14 +29,14 @@ def _fitted(head: nn.Module, train: torch.Tensor, **kw) -> FDBD:
 # ----------------------------------------------------------------------------- math
 def test_hand_computed_two_classes_in_2d() -> None:
     # w0 = (1,0), w1 = (0,1), b = (0, 0.5): the boundary is x - y - 0.5 = 0, ||w0 - w1|| = sqrt2
-    head = _head([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.5])
+    head = linear_head([[1.0, 0.0], [0.0, 1.0]], [0.0, 0.5])
     det = _fitted(head, torch.tensor([[1.0, 1.0], [3.0, 3.0]]))  # mu = (2, 2)
     torch.testing.assert_close(det.train_mean, torch.tensor([2.0, 2.0]))
     torch.testing.assert_close(det.inverse_norms, torch.tensor([[0.0, 1 / math.sqrt(2)], [1 / math.sqrt(2), 0.0]]))
     features = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
     # (3,1): class 0, boundary distance |3 - 1 - 0.5| / sqrt2, ||z - mu|| = ||(1,-1)|| = sqrt2 -> 0.75
     # (0,2): class 1, boundary distance |0 - 2 - 0.5| / sqrt2, ||z - mu|| = 2 -> 1.25 / sqrt2
-    torch.testing.assert_close(det(_out(head, features)), torch.tensor([0.75, 1.25 / math.sqrt(2)]))
+    torch.testing.assert_close(det(head_outputs(head, features)), torch.tensor([0.75, 1.25 / math.sqrt(2)]))
 
 
 def test_matches_an_independent_per_pair_computation() -> None:
@@ -75,27 +51,27 @@ def test_matches_an_independent_per_pair_computation() -> None:
         c = int(np.argmax(w @ z + b))
         dists = [abs((w[c] - w[j]) @ z + b[c] - b[j]) / np.linalg.norm(w[c] - w[j]) for j in range(5) if j != c]
         expected.append(np.mean(dists) / np.linalg.norm(z - mu))
-    np.testing.assert_allclose(det(_out(head, test)).double().numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(det(head_outputs(head, test)).double().numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_higher_is_id_and_degenerate_inputs() -> None:
-    head = _axis_head()
-    det = _fitted(head, _clusters(80, seed=0))
-    ident, ood = det(_out(head, _clusters(40, seed=1))), det(_out(head, _clusters(40, seed=2, ood=True)))
+    head = axis_head()
+    det = _fitted(head, clusters(80, seed=0))
+    ident, ood = det(head_outputs(head, clusters(40, seed=1))), det(head_outputs(head, clusters(40, seed=2, ood=True)))
     assert ident.min() > ood.max()
     mu = det.train_mean
     for features in (torch.zeros(3, 8), torch.full((3, 8), 7.0), torch.full((3, 8), 1e30),
-                     mu.expand(3, 8).clone(), _clusters(3, seed=4) * 1e30):
-        scores = det(_out(head, features))
+                     mu.expand(3, 8).clone(), clusters(3, seed=4) * 1e30):
+        scores = det(head_outputs(head, features))
         assert scores.shape == (3,) and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())
-    assert det(_out(head, torch.zeros(0, 8))).shape == (0,)
+    assert det(head_outputs(head, torch.zeros(0, 8))).shape == (0,)
     # identical weight rows: no boundary between them, still finite
-    twin = _head([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0, 0.3, 0.0])
+    twin = linear_head([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0, 0.3, 0.0])
     twin_det = _fitted(twin, torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
     assert twin_det.inverse_norms[0, 1] == 0 and twin_det.inverse_norms[1, 0] == 0
-    assert bool(torch.isfinite(twin_det(_out(twin, torch.randn(4, 2)))).all())
+    assert bool(torch.isfinite(twin_det(head_outputs(twin, torch.randn(4, 2)))).all())
 
-    out = _out(head, _clusters(4, seed=5))
+    out = head_outputs(head, clusters(4, seed=5))
     bad = out.features.clone()
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -133,8 +109,8 @@ def test_skip_reason_and_registry() -> None:
 
 # ----------------------------------------------------------------------------- fit
 def test_chunked_fit_equals_whole_fit_and_two_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    head = _axis_head()
-    train = _clusters(57, seed=0)
+    head = axis_head()
+    train = clusters(57, seed=0)
     whole, chunked = _fitted(head, train, fit_chunk=4096), _fitted(head, train, fit_chunk=5)
     torch.testing.assert_close(whole.train_mean, chunked.train_mean, rtol=0, atol=1e-7)
     torch.testing.assert_close(whole.train_mean.double(), train.double().mean(0), rtol=0, atol=1e-6)
@@ -174,34 +150,25 @@ def test_chunked_fit_equals_whole_fit_and_two_ranks(monkeypatch: pytest.MonkeyPa
 
 # ----------------------------------------------------------------------------- state
 def test_strict_state_dict_round_trip() -> None:
-    head = _axis_head()
-    det = _fitted(head, _clusters(50, seed=0))
+    head = axis_head()
+    det = _fitted(head, clusters(50, seed=0))
     assert set(det.state_dict()) == {"fitted", "train_mean", "num_fit_images"}
     fresh = FDBD()
     fresh.attach(head)
     fresh.load_state_dict(det.state_dict(), strict=True)
-    out = _out(head, _clusters(9, seed=6))
+    out = head_outputs(head, clusters(9, seed=6))
     assert torch.equal(fresh(out), det(out))
     with pytest.raises(ValueError, match="does not match"):
         fresh.attach(LinearHead(5, 4))
 
 
 # ----------------------------------------------------------------------------- export
-class _Probe(nn.Module):
-    def __init__(self, detector: FDBD, head: nn.Module) -> None:
-        super().__init__()
-        self.detector, self.head = detector, head
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
-
-
 def test_export_with_dynamic_batch_matches_eager() -> None:
-    head = _axis_head()
-    det = _fitted(head, _clusters(50, seed=0))
+    head = axis_head()
+    det = _fitted(head, clusters(50, seed=0))
     batch = torch.export.Dim("batch", min=1)
-    example = _out(head, _clusters(5, seed=7))
-    program = torch.export.export(_Probe(det, head), (example.logits, example.features),
+    example = head_outputs(head, clusters(5, seed=7))
+    program = torch.export.export(ScoreProbe(det), (example.logits, example.features),
                                   dynamic_shapes=({0: batch}, {0: batch}), strict=False)
-    out = _out(head, torch.cat([_clusters(6, seed=8), _clusters(3, seed=9, ood=True)]))
+    out = head_outputs(head, torch.cat([clusters(6, seed=8), clusters(3, seed=9, ood=True)]))
     torch.testing.assert_close(program.module()(out.logits, out.features), det(out), atol=1e-6, rtol=1e-6)

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.export import Dim
 
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.gen import GEN, generalized_entropy_score
 from lightning_ood.detectors.registry import build_detector
@@ -124,21 +124,12 @@ def test_registry_defaults_and_state_dict():
     assert det.describe() == {"class": "GEN", "gamma": 0.1, "M": 100}
 
 
-class _Probe(nn.Module):
-    def __init__(self, detector: GEN) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
-
-
 def test_exports_with_a_dynamic_batch():
     det = GEN(0.1, 5)
     det.attach(LinearHead(4, 12))
     batch = Dim("batch", min=1)
     example = (torch.randn(3, 12), torch.rand(3, 4))
-    program = torch.export.export(_Probe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+    program = torch.export.export(ScoreProbe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
     logits, features = torch.randn(7, 12) * 4, torch.rand(7, 4)
     torch.testing.assert_close(program.module()(logits, features), det(ForwardOutputs(logits, features)),
                                atol=1e-6, rtol=1e-6)

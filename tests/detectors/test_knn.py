@@ -8,31 +8,25 @@ import threading
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors import knn as knn_module
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.knn import KNN, kth_smallest_sq_distance, unit_rows
 from lightning_ood.detectors.registry import build_detector
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
 from lightning_ood.evaluation.tuning import TuningData, tune_detector
+from tests.detectors.helpers import clusters
 
 
 def _out(features: torch.Tensor, classes: int = 3) -> ForwardOutputs:
     return ForwardOutputs(logits=torch.zeros(features.shape[0], classes), features=features)
 
 
-def _clusters(n: int, seed: int, dim: int = 8, classes: int = 4, ood: bool = False) -> torch.Tensor:
-    """ID: 3 e_c + noise for the first ``classes`` axes; OOD: 3 e_j on the other axes."""
-    gen = torch.Generator().manual_seed(seed)
-    axes = torch.randint(classes, dim, (n,), generator=gen) if ood else torch.randint(0, classes, (n,), generator=gen)
-    return 3.0 * torch.eye(dim)[axes] + 0.3 * torch.randn(n, dim, generator=gen)
-
-
 def _fitted(k: int = 5, n: int = 60, **kw) -> KNN:
     det = KNN(k=k, **kw)
     det.attach(LinearHead(8, 4))
-    det.fit(FitData(features=_clusters(n, seed=0)))
+    det.fit(FitData(features=clusters(n, seed=0)))
     return det
 
 
@@ -72,16 +66,16 @@ def test_chunked_running_topk_equals_brute_force(k: int, chunk: int) -> None:
 
 def test_higher_is_id_and_degenerate_inputs() -> None:
     det = _fitted()
-    ident, ood = det(_out(_clusters(40, seed=1))), det(_out(_clusters(40, seed=2, ood=True)))
+    ident, ood = det(_out(clusters(40, seed=1))), det(_out(clusters(40, seed=2, ood=True)))
     assert ident.min() > ood.max()
-    assert bool((det(_out(_clusters(40, seed=1))) <= 0).all())
+    assert bool((det(_out(clusters(40, seed=1))) <= 0).all())
     for features in (torch.zeros(3, 8), torch.full((3, 8), 7.0), torch.full((3, 8), 1e30),
-                     torch.full((3, 8), -1e-30), _clusters(3, seed=4) * 1e35):
+                     torch.full((3, 8), -1e-30), clusters(3, seed=4) * 1e35):
         scores = det(_out(features))
         assert scores.shape == (3,) and bool(torch.isfinite(scores).all())
     torch.testing.assert_close(det(_out(torch.zeros(2, 8))), torch.full((2,), -1.0))  # zero row: distance 1
     assert det(_out(torch.zeros(0, 8))).shape == (0,)
-    bad = _clusters(4, seed=5)
+    bad = clusters(4, seed=5)
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         det(_out(bad))
@@ -125,17 +119,17 @@ def test_k_checks_and_bank_limits() -> None:
 
 # ----------------------------------------------------------------------------- fit
 def test_chunked_fit_equals_whole_fit() -> None:
-    train = _clusters(57, seed=0)
+    train = clusters(57, seed=0)
     whole, chunked = KNN(k=5, fit_chunk=4096), KNN(k=5, fit_chunk=7)
     whole.fit(FitData(features=train))
     chunked.fit(FitData(features=train))
     assert torch.equal(whole.bank, chunked.bank)
-    queries = _clusters(9, seed=3)
+    queries = clusters(9, seed=3)
     assert torch.equal(whole(_out(queries)), chunked(_out(queries)))
 
 
 def test_two_ranks_gather_the_one_process_bank(monkeypatch: pytest.MonkeyPatch) -> None:
-    train = _clusters(57, seed=0)
+    train = clusters(57, seed=0)
     reference = KNN(k=5)
     reference.fit(FitData(features=train))
     barrier, inbox, local = threading.Barrier(2), {}, threading.local()
@@ -162,7 +156,7 @@ def test_two_ranks_gather_the_one_process_bank(monkeypatch: pytest.MonkeyPatch) 
     for t in threads:
         t.join(timeout=30)
     assert not errors
-    queries = _clusters(9, seed=3)
+    queries = clusters(9, seed=3)
     for det in ranks:
         assert torch.equal(det.bank, reference.bank)
         assert int(det.num_fit_images) == 57
@@ -173,7 +167,7 @@ def test_two_ranks_gather_the_one_process_bank(monkeypatch: pytest.MonkeyPatch) 
 def test_strict_state_dict_round_trip_resizes_the_bank() -> None:
     det = _fitted(k=7)
     assert set(det.state_dict()) == {"fitted", "neighbours", "num_fit_images", "bank"}
-    queries = _clusters(11, seed=6)
+    queries = clusters(11, seed=6)
     for attach in (True, False):
         fresh = KNN(k=50)
         if attach:
@@ -187,29 +181,20 @@ def test_strict_state_dict_round_trip_resizes_the_bank() -> None:
 
 
 # ----------------------------------------------------------------------------- export
-class _Probe(nn.Module):
-    def __init__(self, detector: KNN) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
-
-
 def test_export_with_dynamic_batch_matches_eager() -> None:
     det = _fitted(k=7, n=60, bank_chunk=16)  # 4 bank chunks: a Python loop over static sizes
     batch = torch.export.Dim("batch", min=1)
-    example = _clusters(5, seed=7)
-    program = torch.export.export(_Probe(det), (torch.zeros(5, 4), example),
+    example = clusters(5, seed=7)
+    program = torch.export.export(ScoreProbe(det), (torch.zeros(5, 4), example),
                                   dynamic_shapes=({0: batch}, {0: batch}), strict=False)
-    queries = torch.cat([_clusters(6, seed=8), _clusters(3, seed=9, ood=True)])
+    queries = torch.cat([clusters(6, seed=8), clusters(3, seed=9, ood=True)])
     got = program.module()(torch.zeros(9, 4), queries)
     torch.testing.assert_close(got, det(_out(queries, 4)), atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- tuning
 def test_tuning_skips_k_above_the_bank_and_returns_the_best() -> None:
-    fit = FitData(features=_clusters(30, seed=0))  # 4 clusters of ~7 rows
+    fit = FitData(features=clusters(30, seed=0))  # 4 clusters of ~7 rows
     det = KNN(k=20)
     det.attach(LinearHead(8, 4))
     det.fit(fit)
@@ -217,8 +202,8 @@ def test_tuning_skips_k_above_the_bank_and_returns_the_best() -> None:
     assert [c["k"] for c in det.tuning_candidates({"k": (1, 5, 31, 500)})] == [1, 5, 20]
     # OOD: one point roughly equidistant from every cluster; k = 20 exceeds a cluster and
     # reaches the other clusters, so it ranks ID below OOD; k = 1 separates them
-    ood = _clusters(40, seed=2, ood=True) * 0.2 + 0.6
-    data = TuningData(_out(_clusters(40, seed=1), 4), _out(ood, 4), "jigsaw", "synthetic")
+    ood = clusters(40, seed=2, ood=True) * 0.2 + 0.6
+    data = TuningData(_out(clusters(40, seed=1), 4), _out(ood, 4), "jigsaw", "synthetic")
     result = tune_detector(det, data, fit)
     assert result is not None and result["default"] == {"k": 20}
     aurocs = {row["k"]: row["auroc"] for row in result["grid"]}

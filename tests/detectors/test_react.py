@@ -10,24 +10,13 @@ from torch import nn
 from torch.export import Dim
 
 import lightning_ood.detectors.react as react_module
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.react import ReAct, linear_percentile
 from lightning_ood.detectors.registry import build_detector
 from lightning_ood.evaluation import tuning as tuning_api
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
-
-
-def _head(weight, bias) -> nn.Linear:
-    head = LinearHead(len(weight[0]), len(weight))
-    with torch.no_grad():
-        head.weight.copy_(torch.tensor(weight))
-        head.bias.copy_(torch.tensor(bias))
-    return head
-
-
-def _out(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:
-    with torch.no_grad():
-        return ForwardOutputs(logits=head(features), features=features)
+from tests.detectors.helpers import head_outputs, linear_head
 
 
 def _fitted(train: torch.Tensor, percentile: float = 90.0, head: nn.Module = None) -> ReAct:
@@ -68,18 +57,18 @@ def test_percentile_by_hand_and_errors():
 def test_fit_threshold_and_hand_computed_score():
     # training values 1..10 (5 samples x 2 units): 90th percentile = 9 + 0.1 * (10 - 9) = 9.1
     train = torch.arange(1.0, 11.0).reshape(5, 2)
-    head = _head([[1.0, 0.0], [0.0, 2.0]], [0.0, 1.0])
+    head = linear_head([[1.0, 0.0], [0.0, 2.0]], [0.0, 1.0])
     det = _fitted(train, 90.0, head)
     assert det.threshold.item() == pytest.approx(9.1) and det._threshold == pytest.approx(9.1)
     assert int(det.num_fit_images) == 5
     # feature (20, 3) is clipped to (9.1, 3): logits (9.1, 7), energy log(e^9.1 + e^7)
     features = torch.tensor([[20.0, 3.0]])
-    torch.testing.assert_close(det.shaped_logits(_out(head, features)), torch.tensor([[9.1, 7.0]]))
+    torch.testing.assert_close(det.shaped_logits(head_outputs(head, features)), torch.tensor([[9.1, 7.0]]))
     expected = math.log(math.exp(9.1) + math.exp(7.0))
-    torch.testing.assert_close(det(_out(head, features)), torch.tensor([expected]))
+    torch.testing.assert_close(det(head_outputs(head, features)), torch.tensor([expected]))
     # features under the threshold are untouched: plain energy
     small = torch.tensor([[1.0, 2.0]])
-    torch.testing.assert_close(det(_out(head, small)), torch.logsumexp(head(small), dim=1).detach())
+    torch.testing.assert_close(det(head_outputs(head, small)), torch.logsumexp(head(small), dim=1).detach())
     assert det.describe()["threshold"] == pytest.approx(9.1) and det.describe()["percentile"] == 90.0
 
 
@@ -94,7 +83,7 @@ def test_higher_is_in_distribution():
     # OOD: a few huge activations (the behaviour ReAct targets) but a smaller typical value
     ood = torch.rand(8, 16) * 0.2
     ood[:, :2] += 50.0
-    assert det(_out(head, id_features)).min() > det(_out(head, ood)).max()
+    assert det(head_outputs(head, id_features)).min() > det(head_outputs(head, ood)).max()
     # without clipping the spikes would win
     assert torch.logsumexp(head(ood), 1).min() > torch.logsumexp(head(id_features), 1).max()
 
@@ -103,11 +92,11 @@ def test_finite_on_zero_constant_and_huge_inputs():
     head = LinearHead(6, 3)
     det = _fitted(torch.rand(10, 6), head=head)
     for features in (torch.zeros(3, 6), torch.full((2, 6), 4.0), torch.full((2, 6), 1e30), -torch.full((2, 6), 1e30)):
-        score = det(_out(head, features) if features.abs().max() < 1e20 else ForwardOutputs(torch.zeros(2, 3), features))
+        score = det(head_outputs(head, features) if features.abs().max() < 1e20 else ForwardOutputs(torch.zeros(2, 3), features))
         assert torch.isfinite(score).all()
     constant = _fitted(torch.full((4, 6), 2.0), head=head)
     assert constant.threshold.item() == 2.0
-    assert torch.isfinite(constant(_out(head, torch.rand(3, 6) * 5))).all()
+    assert torch.isfinite(constant(head_outputs(head, torch.rand(3, 6) * 5))).all()
 
 
 def test_wrong_shapes_and_nan():
@@ -158,7 +147,7 @@ def test_state_dict_round_trip():
     fresh.load_state_dict(det.state_dict(), strict=True)
     assert bool(fresh.fitted) and fresh._threshold == det._threshold
     features = torch.rand(4, 6) * 2
-    assert torch.equal(fresh(_out(head, features)), det(_out(head, features)))
+    assert torch.equal(fresh(head_outputs(head, features)), det(head_outputs(head, features)))
     assert set(det.state_dict()) == {"fitted", "threshold", "fitted_percentile", "num_fit_images"}
 
 
@@ -168,17 +157,8 @@ def test_registry_flags_and_head_types():
     assert build_detector("react").percentile == 90.0
     distance = IsoMaxPlusHead(6, 3)
     det = _fitted(torch.rand(10, 6), head=distance)
-    score = det(_out(distance, torch.rand(3, 6)))
+    score = det(head_outputs(distance, torch.rand(3, 6)))
     assert torch.isfinite(score).all()
-
-
-class _Probe(nn.Module):
-    def __init__(self, detector: ReAct) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
 
 
 def test_exports_with_a_dynamic_batch():
@@ -186,7 +166,7 @@ def test_exports_with_a_dynamic_batch():
     det = _fitted(torch.rand(20, 6), head=head)
     batch = Dim("batch", min=1)
     example = (torch.zeros(3, 3), torch.rand(3, 6))
-    program = torch.export.export(_Probe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+    program = torch.export.export(ScoreProbe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
     features = torch.rand(7, 6) * 2
     torch.testing.assert_close(program.module()(torch.zeros(7, 3), features),
                                det(ForwardOutputs(torch.zeros(7, 3), features)), atol=1e-6, rtol=1e-6)
@@ -204,7 +184,7 @@ def test_tuning_refits_and_returns_the_best_percentile():
     ood[:, :3] += torch.rand(40, 3) * 20
     det = _fitted(train, 99.0, head)
     fit_data = FitData(features=train)
-    data = tuning.TuningData(_out(head, id_features), _out(head, ood), "ood_val", "synthetic")
+    data = tuning.TuningData(head_outputs(head, id_features), head_outputs(head, ood), "ood_val", "synthetic")
     result = tuning.tune_detector(det, data, fit_data, {"percentile": (10.0, 50.0, 99.0)})
     assert result is not None
     best = max(e["auroc"] for e in result["grid"])

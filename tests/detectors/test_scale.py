@@ -8,16 +8,13 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors.base import ForwardOutputs
 from lightning_ood.detectors.registry import build_detector
 from lightning_ood.detectors.scale import SCALE, scale_exponent, scale_features
 from lightning_ood.evaluation import tuning as tuning_api
 from lightning_ood.nn.heads import IsoMaxPlusHead, LinearHead
-
-
-def _out(head: nn.Module, features: torch.Tensor) -> ForwardOutputs:
-    with torch.no_grad():
-        return ForwardOutputs(logits=head(features), features=features)
+from tests.detectors.helpers import head_outputs
 
 
 def _attached(percentile: float, head: nn.Module) -> SCALE:
@@ -60,8 +57,8 @@ def test_through_a_linear_head_matches_the_reference():
     det = _attached(85, head)
     with torch.no_grad():
         expected = head(_reference(features, 85))
-        torch.testing.assert_close(det.shaped_logits(_out(head, features)), expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(det(_out(head, features)), torch.logsumexp(expected, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(det.shaped_logits(head_outputs(head, features)), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(det(head_outputs(head, features)), torch.logsumexp(expected, 1), atol=1e-4, rtol=1e-4)
     assert torch.equal(features, before)
 
 
@@ -74,12 +71,12 @@ def test_predictions_change_only_through_the_bias():
         head.bias.copy_(torch.tensor([0.0, 2.0]))
     det = _attached(50, head)
     assert int(head(x).argmax()) == 1
-    torch.testing.assert_close(det.shaped_logits(_out(head, x)), torch.tensor([[math.e, 2.0]]))
-    assert int(det.shaped_logits(_out(head, x)).argmax()) == 0
+    torch.testing.assert_close(det.shaped_logits(head_outputs(head, x)), torch.tensor([[math.e, 2.0]]))
+    assert int(det.shaped_logits(head_outputs(head, x)).argmax()) == 0
     with torch.no_grad():
         head.bias.zero_()
     features = torch.rand(20, 2)
-    assert torch.equal(det.shaped_logits(_out(head, features)).argmax(1), head(features).argmax(1))
+    assert torch.equal(det.shaped_logits(head_outputs(head, features)).argmax(1), head(features).argmax(1))
     assert det.changes_logits and det.assumes_nonnegative_features and not det.requires_fit
 
 
@@ -93,7 +90,7 @@ def test_higher_is_in_distribution():
     det = _attached(85, head)
     id_features = torch.rand(8, 16) + 1.0
     ood_features = torch.rand(8, 16) * 0.3
-    assert det(_out(head, id_features)).min() > det(_out(head, ood_features)).max()
+    assert det(head_outputs(head, id_features)).min() > det(head_outputs(head, ood_features)).max()
     # r itself: spread-out activations give a larger exp(r) than one dominant unit
     spread, peaked = torch.full((1, 8), 1.0), torch.tensor([[4.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
     torch.testing.assert_close(scale_exponent(spread, 75), torch.tensor([4.0]))          # 8 / 2
@@ -104,10 +101,10 @@ def test_finite_on_zero_constant_negative_and_huge_inputs():
     head = LinearHead(16, 4)
     det = _attached(85, head)
     for features in (torch.zeros(3, 16), torch.full((2, 16), 3.0), -torch.rand(3, 16), torch.randn(4, 16)):
-        score = det(_out(head, features))
+        score = det(head_outputs(head, features))
         assert torch.isfinite(score).all()
     # zero features: s2 = 0, scale 1, logits = bias
-    torch.testing.assert_close(det(_out(head, torch.zeros(1, 16))), torch.logsumexp(head.bias, 0).reshape(1).detach())
+    torch.testing.assert_close(det(head_outputs(head, torch.zeros(1, 16))), torch.logsumexp(head.bias, 0).reshape(1).detach())
     huge = torch.full((2, 16), 1e30)
     assert torch.isfinite(_attached(85, nn.Identity())(ForwardOutputs(huge, huge))).all()
     # the clamp of r keeps exp(r) finite even for sums that would give r = n / k = 1e6
@@ -147,18 +144,9 @@ def test_registry_state_dict_and_head_reference():
     fresh.load_state_dict(det.state_dict(), strict=True)
     assert fresh.percentile == 70.0
     features = torch.rand(5, 8)
-    assert torch.equal(fresh(_out(head, features)), det(_out(head, features)))
+    assert torch.equal(fresh(head_outputs(head, features)), det(head_outputs(head, features)))
     distance = IsoMaxPlusHead(8, 3)
-    assert torch.isfinite(_attached(85, distance)(_out(distance, features))).all()
-
-
-class _Probe(nn.Module):
-    def __init__(self, detector: SCALE) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.detector(ForwardOutputs(logits, features))
+    assert torch.isfinite(_attached(85, distance)(head_outputs(distance, features))).all()
 
 
 def test_exports_with_a_dynamic_batch():
@@ -166,7 +154,7 @@ def test_exports_with_a_dynamic_batch():
     det = _attached(85, head)
     batch = Dim("batch", min=1)
     example = (torch.zeros(3, 3), torch.rand(3, 8))
-    program = torch.export.export(_Probe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+    program = torch.export.export(ScoreProbe(det), example, dynamic_shapes=({0: batch}, {0: batch}), strict=False)
     features = torch.rand(6, 8)
     features[0] = 0.0  # the s2 = 0 guard in the program too
     torch.testing.assert_close(program.module()(torch.zeros(6, 3), features),
@@ -183,7 +171,7 @@ def test_tuning_returns_the_best_percentile():
     id_features[torch.arange(40), torch.arange(40) % 16] += 2.0
     ood = torch.rand(40, 16) * 0.4
     det = _attached(65, head)
-    data = tuning.TuningData(_out(head, id_features), _out(head, ood), "ood_val", "synthetic")
+    data = tuning.TuningData(head_outputs(head, id_features), head_outputs(head, ood), "ood_val", "synthetic")
     result = tuning.tune_detector(det, data, None, {"percentile": (10.0, 65.0, 90.0)})
     assert result is not None
     best = max(e["auroc"] for e in result["grid"])
