@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.detectors import ForwardOutputs
+from lightning_ood.detectors import ForwardOutputs, reads_block_norms
 from lightning_ood.detectors.functional import finite_inputs_checked
 from lightning_ood.deploy.format import CheckpointError, check_preprocessing, check_thresholds
 
@@ -65,7 +65,7 @@ class OODModel(nn.Module):
     @property
     def needs_block_norms(self) -> bool:
         """Whether some detector reads the per-block FeatureNorms."""
-        return any(getattr(d, "requires_block_norms", False) for d in self.detectors.values())
+        return reads_block_norms(self.detectors.values())
 
     def forward_outputs(self, x: Tensor) -> ForwardOutputs:
         """Logits, pooled features and (when needed) block norms of one forward pass."""

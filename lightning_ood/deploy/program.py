@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_ood.version import __version__
 from lightning_ood.io import atomic_write
-from lightning_ood.detectors import Detector, ForwardOutputs, detector_classes
+from lightning_ood.detectors import Detector, ForwardOutputs, detector_classes, reads_block_norms
 from lightning_ood.detectors.functional import finite_inputs_checked
 from lightning_ood.deploy.format import FORMAT, FORMAT_VERSION, PROGRAM_METADATA, PathLike, first_line
 from lightning_ood.deploy.load import load
@@ -200,7 +200,7 @@ def _export_with_fallback(model: OODModel, names: list[str], example: Tensor,
             return False
 
     def run(selected: list[str]) -> Any:
-        needs = any(model.detectors[n].requires_block_norms for n in selected)
+        needs = reads_block_norms(model.detectors[n] for n in selected)
         module = _ExportModule(model.classifier, selected, needs, model.thresholds)
         with _quiet_failures():
             return export(module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},), strict=False)

@@ -8,7 +8,7 @@ interface, never a concrete class.
 """
 from __future__ import annotations
 
-from lightning_ood.detectors.base import INPUTS, Detector, FitData, ForwardOutputs
+from lightning_ood.detectors.base import INPUTS, Detector, FitData, ForwardOutputs, reads_block_norms
 from lightning_ood.detectors.registry import (
     build_detector, canonical_name, default_detector_names, detector_classes, detector_name, detector_names, entry,
     register,
@@ -35,5 +35,5 @@ __all__ = [
     "ASH", "DICE", "Detector", "Energy", "FDBD", "FeatureNorm", "FitData", "ForwardOutputs", "GEN", "INPUTS", "KNN",
     "MSP", "Mahalanobis", "MaxLogit", "MinDistance", "NCI", "PenultimateNorm", "ReAct", "RelativeMahalanobis",
     "SCALE", "VirtualLogitMatching", "WeiPer", "build_detector", "canonical_name", "default_detector_names",
-    "detector_classes", "detector_name", "detector_names", "entry", "register",
+    "detector_classes", "detector_name", "detector_names", "entry", "reads_block_norms", "register",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -266,3 +266,8 @@ class Detector(nn.Module):
             if isinstance(value, Tensor):
                 info[buffer] = value.tolist()
         return info
+
+
+def reads_block_norms(detectors: Iterable[Detector]) -> bool:
+    """Whether a forward pass for these detectors must compute the per-block FeatureNorms."""
+    return any(detector.requires_block_norms for detector in detectors)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood import distributed
-from lightning_ood.detectors import Detector, FitData, ForwardOutputs, build_detector, detector_name
+from lightning_ood.detectors import Detector, FitData, ForwardOutputs, build_detector, detector_name, reads_block_norms
 from lightning_ood.detectors.functional import jigsaw
 from lightning_ood.evaluation.tuning import concat_outputs
 
@@ -77,7 +77,7 @@ def fit_pass(batches: Batches, prepare: Prepare, forward: Forward, detectors: Se
     """One streamed pass over (this rank's shard of) the ID training subset, keeping what
     the detectors that need fitting read: features always; logits, block norms, their
     jigsaw versions and labels only when some detector asks for them."""
-    need_blocks = any(d.requires_block_norms for d in detectors)
+    need_blocks = reads_block_norms(detectors)
     need_jigsaw = any(d.requires_jigsaw for d in detectors)
     need_labels = any(d.requires_labels for d in detectors)
     need_logits = any(d.requires_fit_logits for d in detectors)

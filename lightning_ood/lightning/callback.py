@@ -22,6 +22,7 @@ from lightning_ood.checks import check_number
 from lightning_ood.data.base import OODDataModule, OODSet
 from lightning_ood.detectors import (
     Detector, ForwardOutputs, build_detector, default_detector_names, detector_name, detector_names, entry,
+    reads_block_norms,
 )
 from lightning_ood.detectors.functional import finite_inputs_checked
 from lightning_ood.evaluation.metrics import id_threshold
@@ -186,7 +187,7 @@ class OODEvaluation(pl.Callback):
             # one dry forward pass (no collective) before any compute: a wrong feature width,
             # head or block spec fails now, not after the fitting pass
             images = torch.stack([datamodule.test_set[i][0] for i in range(min(2, len(datamodule.test_set)))])
-            pl_module.check_forward(images, any(d.requires_block_norms for d in self._to_attach.values()))
+            pl_module.check_forward(images, reads_block_norms(self._to_attach.values()))
         needs_fit = [n for n, d in self._to_attach.items() if d.requires_fit]
         if needs_fit and datamodule.fit_set is None:
             raise ValueError(f"detectors {', '.join(needs_fit)} need ID training statistics, "

@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_ood.checks import check_number
+from lightning_ood.detectors import reads_block_norms
 from lightning_ood.nn.classifier import Classifier
 from lightning_ood.nn.objectives import objective
 from lightning_ood.nn.resnet import split_torchvision_state_dict
@@ -186,7 +187,7 @@ class OODClassifier(Classifier, pl.LightningModule):
         return {"outputs": outputs, "labels": labels, "indices": indices}
 
     def _want_block_norms(self) -> bool:
-        return any(getattr(d, "requires_block_norms", False) for d in self.detectors.values())
+        return reads_block_norms(self.detectors.values())
 
     # --------------------------------------------------------------- optimizer
     def configure_optimizers(self):

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_ood.detectors.base import ForwardOutputs
+from lightning_ood.detectors.base import ForwardOutputs, reads_block_norms
 from lightning_ood.io import load_state_dict_file
 from lightning_ood.nn.taps import Taps
 
@@ -188,7 +188,7 @@ class PostHocClassifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         images, labels, indices = batch
-        wanted = any(getattr(d, "requires_block_norms", False) for d in self.detectors.values())
+        wanted = reads_block_norms(self.detectors.values())
         outputs = self.forward_outputs(images, with_block_norms=wanted)
         if dataloader_idx == 0:
             self.test_accuracy(outputs.logits, labels)
