@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
 from lightning_ood.detectors.functional import check_finite
@@ -28,12 +30,12 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
 
     Liu et al., CVPR 2023. ``p = softmax(logits)``; the sum runs over the ``min(M, C)``
     largest probabilities. Computed in log space in the logits' dtype,
-    ``exp(gamma * (log p + log(1 - p)))``: ``log(1 - p)`` is ``log1p(-p)`` for every class
-    except the most probable one (the only one that can exceed 1/2), whose complement is the
-    softmax mass of all other classes, a ``logsumexp`` of their ``log p``. So a very
-    confident sample keeps its small ``(1 - p)^gamma`` term instead of rounding ``1 - p`` to
-    0 (float32 does that for any ``p > 1 - 6e-8``), and the score is finite for any finite
-    logits.
+    ``exp(gamma * (log p + log(1 - p)))``, from the logits directly (no softmax tensor):
+    ``log(1 - p)`` is ``log1p(-p)`` for every class except the most probable one (the only
+    one that can exceed 1/2), whose complement is the softmax mass of all the other
+    classes, summed relative to the second-largest logit. So a very confident sample keeps
+    its small ``(1 - p)^gamma`` term instead of rounding ``1 - p`` to 0 (float32 does that
+    for any ``p > 1 - 6e-8``), and the score is finite for any finite logits.
 
     Args:
         logits: (B, C) logits; not modified.
@@ -52,19 +54,60 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
         raise ValueError(f"GEN expects (B, C) logits with C >= 1; got {tuple(logits.shape)}")
     check_finite(logits, "GEN input logits")
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    m = min(int(M), x.shape[1])
-    # log space throughout: log p from log_softmax; log(1 - p) is log1p(-p) for every class but
-    # the most probable one (the only one that can exceed 1/2), whose complement is the softmax
-    # mass of all the others, a logsumexp of their log p (-inf when C = 1: its term is 0). No
-    # 1 - p is ever rounded, so a very confident sample keeps its small (1 - p)^gamma.
-    log_p = torch.log_softmax(x, dim=1)
-    top = log_p.argmax(dim=1, keepdim=True)
-    log_q_top = torch.logsumexp(log_p.scatter(1, top, float("-inf")), dim=1, keepdim=True)
-    if m < x.shape[1]:  # the top M (unsorted: the sum does not need their order)
-        log_p = log_p.topk(m, dim=1, sorted=False).values
-        top = log_p.argmax(dim=1, keepdim=True)  # the most probable class's column among them
-    log_q = torch.exp(log_p).neg_().log1p_().scatter_(1, top, log_q_top)
-    return torch.exp(log_q.add_(log_p).mul_(float(gamma))).sum(dim=1).neg_()
+    return _score(x, float(gamma), min(int(M), x.shape[1]))
+
+
+def _score(x: Tensor, gamma: float, m: int) -> Tensor:
+    """:func:`generalized_entropy_score` of checked float logits, ``1 <= m <= C``."""
+    B, C = x.shape
+    if C == 1:  # p = 1 and (1 - p)^gamma = 0
+        return x.new_zeros(B)
+    # z_j = x_j - x_top for every class but the most probable one, and the other m - 1 of the
+    # top m among them (the log-softmax frame, where the top classes' logits subtract exactly)
+    if m == C:
+        largest, top = x.max(dim=1, keepdim=True)
+        others = (x - largest).scatter_(1, top, float("-inf"))  # the top's own column: -inf
+        chosen = others
+    else:
+        arranged = _top_m_last(x, m)
+        largest = arranged.narrow(1, C - 1, 1)
+        others = arranged.narrow(1, 0, C - 1) - largest
+        chosen = others.narrow(1, C - m, m - 1)
+    shift = (chosen if m >= 2 else others).amax(dim=1, keepdim=True)  # x_second - x_top
+    eps = torch.finfo(x.dtype).eps
+    # e_j = exp(z_j - shift) <= 1, the second's is 1, so their sum is >= 1 and nothing
+    # underflows; terms under eps / (e C) of it are floored there (no subnormal is made, CPUs
+    # are ~10x slower on them), which moves the sum by under half an ulp
+    e = (others - shift).clamp_(min=math.log(eps) - math.log(C) - 1.0).exp_()
+    log_rest = e.sum(dim=1, keepdim=True).log_().add_(shift)  # log sum_{j != top} exp(z_j)
+    log_norm = F.softplus(log_rest)  # log sum_j exp(z_j): log p_j = z_j - log_norm
+    # the other top classes: p_j = e_j p_second, and log(1 - p) = log1p(-p), exact for p <= 1/2.
+    # Once p_second < eps / e every p is, and log(1 - p) ~ -p is under half an ulp of log p
+    # (|log p| > 1), so p_second is floored there too.
+    minus_p_second = (shift - log_norm).clamp_(min=math.log(eps) - 1.0).exp_().neg_()
+    e_chosen = e if m == C else e.narrow(1, C - m, m - 1)
+    log_q = (e_chosen * minus_p_second).log1p_()
+    # p^g (1 - p)^g = exp(g (log p + log(1 - p))); for the most probable class
+    # p (1 - p) = exp(log_rest - 2 log_norm)
+    chosen_terms = log_q.add_(chosen).sub_(log_norm).mul_(gamma).exp_().sum(dim=1)
+    top_term = torch.sub(log_rest, log_norm, alpha=2.0).mul_(gamma).exp_().view(B)
+    return chosen_terms.add_(top_term).neg_()
+
+
+def _top_m_last(x: Tensor, m: int) -> Tensor:
+    """The logits of each row rearranged so that its ``m`` largest fill the last ``m`` columns
+    with the largest one last; ``x`` is (B, C) with ``m < C``. The order is otherwise arbitrary.
+
+    Eagerly on the CPU this is numpy's ``partition``, one pivot per call (6.5x faster than
+    ``torch.topk`` at B = 256, C = 1000, M = 100 on one thread, measured; several pivots in
+    one call are as slow as ``topk``); elsewhere, and under ``torch.export``, a sort.
+    """
+    if x.device.type != "cpu" or x.requires_grad or torch.compiler.is_compiling():
+        return x.sort(dim=1).values
+    C = x.shape[1]
+    arranged = np.partition(x.detach().numpy(), C - m, axis=1)
+    arranged[:, C - m:].partition(m - 1, axis=1)  # in place: the largest to the last column
+    return torch.from_numpy(arranged)
 
 
 @register("gen", defaults={"*": {"gamma": 0.1, "M": 100}, "imagenet": {"gamma": 0.1, "M": 100}})

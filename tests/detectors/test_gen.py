@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import logsumexp
 from torch.export import Dim
 
 from lightning_ood.deploy.program import ScoreProbe
@@ -66,6 +67,51 @@ def test_higher_is_in_distribution_and_confident_samples_do_not_tie():
     small = 2 * (math.exp(0.1 * (0.0 - lse)) * (1 - math.exp(-lse)) ** 0.1)
     top = math.exp(0.1 * ((40.0 - lse) + (math.log(2.0) - lse)))
     assert scores[1].item() == pytest.approx(-(top + small), rel=1e-6)
+
+
+def _log_space_reference(logits: np.ndarray, gamma: float, M: int) -> np.ndarray:
+    """The definition in float64 log space, row by row: log p from logsumexp, and for the most
+    probable class log(1 - p) as the logsumexp of the other classes (exact where 1 - p rounds)."""
+    scores = []
+    for row in logits.astype(np.float64):
+        log_p = row - logsumexp(row)
+        order = np.argsort(-row, kind="stable")[:M]
+        terms = []
+        for rank, j in enumerate(order):
+            log_q = logsumexp(np.delete(log_p, j)) if rank == 0 else np.log1p(-np.exp(log_p[j]))
+            terms.append(np.exp(gamma * (log_p[j] + log_q)))
+        scores.append(-sum(terms))
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 12])
+def test_exact_across_regimes_on_both_selection_paths(M):
+    # ordinary, peaked (gaps past float32's exp range, where a sum of exp(x - max) underflows),
+    # tied maxima, huge magnitudes and near ties at a large offset
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(20, 12, generator=g) * scale for scale in (0.1, 3.0, 40.0, 300.0)]
+    tied = torch.randn(4, 12, generator=g)
+    tied[:, 5] = tied[:, 2] = tied.max(dim=1).values + 1.0
+    offset = 1e4 + torch.randn(4, 12, generator=g) * 1e-2
+    peaked = torch.full((2, 12), -150.0)
+    peaked[:, 0] = 0.0
+    peaked[1, 1] = -120.0
+    logits = torch.cat(rows + [tied, offset, peaked, torch.zeros(1, 12)])
+    for gamma in (0.01, 0.1, 2.0):
+        expected = _log_space_reference(logits.numpy(), gamma, M)
+        eager = generalized_entropy_score(logits, gamma, M)  # numpy selection on the CPU
+        sorted_path = generalized_entropy_score(logits.clone().requires_grad_(True), gamma, M).detach()
+        # relative to the float64 value, down to float32's smallest normal number
+        np.testing.assert_allclose(eager.numpy(), expected, rtol=2e-5, atol=1e-37)
+        np.testing.assert_allclose(sorted_path.numpy(), expected, rtol=2e-5, atol=1e-37)
+        torch.testing.assert_close(eager, sorted_path, rtol=1e-6, atol=1e-37)
+        # float64 logits are scored in float64
+        double = generalized_entropy_score(logits.double(), gamma, M)
+        assert double.dtype == torch.float64
+        np.testing.assert_allclose(double.numpy(), expected, rtol=1e-10, atol=0)  # the offset rows: ulp(1e4) ~ 2e-12
+    # peaked rows: the terms are exp(0.1 * log p) ~ e^-15, far from 0, and the top's own term is
+    # (sum of the others' p)^0.1
+    assert (generalized_entropy_score(peaked, 0.1, M) < -1e-7).all()
 
 
 def test_finite_on_zero_constant_huge_and_single_class():
