@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_ood.deploy.program import ScoreProbe
 from lightning_ood.detectors import fdbd as fdbd_module
+from lightning_ood.detectors import nci as nci_module
 from lightning_ood.detectors.base import FitData, ForwardOutputs
 from lightning_ood.detectors.nci import ALPHA_GRID, NCI
 from lightning_ood.detectors.registry import build_detector
@@ -54,6 +55,16 @@ def test_matches_an_independent_computation() -> None:
         c = int(np.argmax(w @ z + b))
         expected.append(w[c] @ (z - mu) / np.linalg.norm(z - mu) + 0.01 * np.abs(z).sum())
     np.testing.assert_allclose(det(head_outputs(head, test)).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_and_gathered_rows_give_the_same_alignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    head = LinearHead(16, 7)
+    det = _fitted(head, torch.randn(50, 16, generator=gen), alpha=0.01)
+    outputs = head_outputs(head, torch.randn(30, 16, generator=gen) * 3)
+    by_matmul = det(outputs)  # 7 classes: the matmul branch
+    monkeypatch.setattr(nci_module, "DOT_BY_MATMUL_MAX_CLASSES", 0)
+    torch.testing.assert_close(det(outputs), by_matmul, rtol=1e-6, atol=1e-6)
 
 
 def test_higher_is_id_and_degenerate_inputs() -> None:
