@@ -1,6 +1,7 @@
 """GEN: generalised entropy of the top-M softmax probabilities."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -50,11 +51,16 @@ def generalized_entropy_score(logits: Tensor, gamma: float = 0.1, M: int = 100) 
         ValueError: logits not (B, C), non-finite logits, or invalid gamma / M.
     """
     _check_gen_arguments(gamma, M)
+    x = _checked_logits(logits)
+    return _score(x, float(gamma), min(int(M), x.shape[1]))
+
+
+def _checked_logits(logits: Tensor) -> Tensor:
+    """``logits`` checked to be finite (B, C), C >= 1, in float32 or float64."""
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"GEN expects (B, C) logits with C >= 1; got {tuple(logits.shape)}")
     check_finite(logits, "GEN input logits")
-    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    return _score(x, float(gamma), min(int(M), x.shape[1]))
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _score(x: Tensor, gamma: float, m: int) -> Tensor:
@@ -62,36 +68,43 @@ def _score(x: Tensor, gamma: float, m: int) -> Tensor:
     B, C = x.shape
     if C == 1:  # p = 1 and (1 - p)^gamma = 0
         return x.new_zeros(B)
-    # z_j = x_j - x_top for every class but the most probable one, and the other m - 1 of the
-    # top m among them (the log-softmax frame, where the top classes' logits subtract exactly)
+    # z_j = x_j - x_top (the log-softmax frame, where the top classes' logits subtract exactly),
+    # -inf in the most probable class's own column
     if m == C:
         largest, top = x.max(dim=1, keepdim=True)
-        others = (x - largest).scatter_(1, top, float("-inf"))  # the top's own column: -inf
-        chosen = others
+        z = x - largest
     else:
         arranged = _top_m_last(x, m)
         largest = arranged.narrow(1, C - 1, 1)
-        others = arranged.narrow(1, 0, C - 1) - largest
-        chosen = others.narrow(1, C - m, m - 1)
-    shift = (chosen if m >= 2 else others).amax(dim=1, keepdim=True)  # x_second - x_top
-    eps = torch.finfo(x.dtype).eps
+        z = arranged - largest
+        top = torch.full((B, 1), C - 1, dtype=torch.long, device=x.device)
+    z.scatter_(1, top, float("-inf"))
+    chosen = z if m == C else z.narrow(1, C - m, m)  # the top M, the most probable one's column included
+    shift = (chosen if m >= 2 else z).amax(dim=1, keepdim=True)  # x_second - x_top
+    floor_rest, floor_p = _floors(x.dtype, C)
     # e_j = exp(z_j - shift) <= 1, the second's is 1, so their sum is >= 1 and nothing
-    # underflows; terms under eps / (e C) of it are floored there (no subnormal is made, CPUs
-    # are ~10x slower on them), which moves the sum by under half an ulp
-    e = (others - shift).clamp_(min=math.log(eps) - math.log(C) - 1.0).exp_()
+    # underflows; terms under eps / (e C) of it (the top's -inf among them) are floored there (no
+    # subnormal is made, CPUs are ~10x slower on them), which moves the sum by under half an ulp
+    e = (z - shift).clamp_(min=floor_rest).exp_()
     log_rest = e.sum(dim=1, keepdim=True).log_().add_(shift)  # log sum_{j != top} exp(z_j)
     log_norm = F.softplus(log_rest)  # log sum_j exp(z_j): log p_j = z_j - log_norm
-    # the other top classes: p_j = e_j p_second, and log(1 - p) = log1p(-p), exact for p <= 1/2.
+    # log(1 - p) = log1p(-p) with p_j = e_j p_second: exact for p <= 1/2, i.e. all but the top.
     # Once p_second < eps / e every p is, and log(1 - p) ~ -p is under half an ulp of log p
     # (|log p| > 1), so p_second is floored there too.
-    minus_p_second = (shift - log_norm).clamp_(min=math.log(eps) - 1.0).exp_().neg_()
-    e_chosen = e if m == C else e.narrow(1, C - m, m - 1)
-    log_q = (e_chosen * minus_p_second).log1p_()
-    # p^g (1 - p)^g = exp(g (log p + log(1 - p))); for the most probable class
-    # p (1 - p) = exp(log_rest - 2 log_norm)
-    chosen_terms = log_q.add_(chosen).sub_(log_norm).mul_(gamma).exp_().sum(dim=1)
-    top_term = torch.sub(log_rest, log_norm, alpha=2.0).mul_(gamma).exp_().view(B)
-    return chosen_terms.add_(top_term).neg_()
+    minus_p_second = (shift - log_norm).clamp_(min=floor_p).exp_().neg_()
+    log_q = ((e if m == C else e.narrow(1, C - m, m)) * minus_p_second).log1p_()
+    # the most probable class: p (1 - p) = exp(log_rest - 2 log_norm), its 1 - p being the mass of
+    # the rest; its own log_q (from its floored e) is under half an ulp of |log p(1-p)| >= log 4
+    z.scatter_(1, top, log_rest - log_norm)
+    # -sum p^g (1 - p)^g = -sum exp(g (log p + log(1 - p)))
+    return log_q.add_(chosen).sub_(log_norm).mul_(gamma).exp_().sum(dim=1).neg_()
+
+
+@functools.lru_cache(maxsize=None)
+def _floors(dtype: torch.dtype, num_classes: int) -> tuple[float, float]:
+    """log(eps / (e C)) and log(eps / e) for ``dtype``: the floors of :func:`_score`."""
+    log_eps = math.log(torch.finfo(dtype).eps)
+    return log_eps - math.log(num_classes) - 1.0, log_eps - 1.0
 
 
 def _top_m_last(x: Tensor, m: int) -> Tensor:
@@ -173,7 +186,8 @@ class GEN(Detector):
         return [unique[key] for key in sorted(unique)]
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
-        return generalized_entropy_score(outputs.logits, self.gamma, self.M)
+        x = _checked_logits(outputs.logits)  # gamma and M were checked when set
+        return _score(x, self.gamma, min(self.M, x.shape[1]))
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, M={self.M}"
