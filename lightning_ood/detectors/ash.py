@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
-from lightning_ood.detectors.functional import ash_b, ash_p, ash_s, check_percentile, energy, head_logits
+from lightning_ood.detectors.functional import ash_b, ash_p, ash_s, check_percentile, energy, shaped_head_logits
 from lightning_ood.detectors.registry import register
 
 _SHAPERS: dict[str, Callable[[Tensor, float], Tensor]] = {"p": ash_p, "b": ash_b, "s": ash_s}
@@ -101,8 +101,8 @@ class ASH(Detector):
     def shaped_logits(self, outputs: ForwardOutputs) -> Tensor:
         if not self._head:
             raise RuntimeError(f"{self.name} has no classification head: call attach(head) first")
-        shaped = _SHAPERS[self.variant](outputs.features, self.percentile)
-        return head_logits(self._head[0], shaped)
+        shaper, percentile = _SHAPERS[self.variant], self.percentile
+        return shaped_head_logits(self._head[0], outputs.features, lambda rows: shaper(rows, percentile))
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

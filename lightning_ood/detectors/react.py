@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
-from lightning_ood.detectors.functional import check_finite, energy, head_logits
+from lightning_ood.detectors.functional import check_finite, energy, shaped_head_logits
 from lightning_ood.detectors.registry import register
 from lightning_ood.distributed import all_gather_rows
 
@@ -154,8 +154,8 @@ class ReAct(Detector):
             raise RuntimeError("react has no classification head: call attach(head) first")
         features = outputs.features
         self._check_features(features, "features")
-        clipped = features.clamp(max=self.threshold.to(features.dtype))
-        return head_logits(self._head[0], clipped)
+        threshold = self.threshold.to(features.dtype)
+        return shaped_head_logits(self._head[0], features, lambda rows: rows.clamp(max=threshold))
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ForwardOutputs
-from lightning_ood.detectors.functional import _keep_top, check_finite, check_percentile, energy, head_logits
+from lightning_ood.detectors.functional import _keep_top, check_finite, check_percentile, energy, shaped_head_logits
 from lightning_ood.detectors.registry import register
 
 #: The authors' sweep (kai422/SCALE ``configs/postprocessors/scale.yml``).
@@ -135,8 +135,8 @@ class SCALE(Detector):
             raise ValueError(f"SCALE expects features of shape (B, {width if width is not None else 'D'}); "
                              f"got {tuple(features.shape)}")
         check_finite(features, "SCALE input features")
-        scaled = scale_features(features, self.percentile)
-        return head_logits(self._head[0], scaled)
+        percentile = self.percentile
+        return shaped_head_logits(self._head[0], features, lambda rows: scale_features(rows, percentile))
 
     def score(self, outputs: ForwardOutputs) -> Tensor:
         return energy(self.shaped_logits(outputs))

@@ -234,3 +234,28 @@ def test_jigsaw_grid_one_is_identity_inside():
 def test_jigsaw_rejects_tiny_images():
     with pytest.raises(ValueError, match="too small"):
         jigsaw(torch.rand(1, 1, 2, 2), grid=3)
+
+
+def test_shaped_head_logits_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_ood.detectors import functional as functional_module
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    features = torch.rand(100, 8)
+    calls = []
+
+    def clip(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        return rows.clamp(max=0.5)
+
+    with torch.no_grad():
+        whole = head(features.clamp(max=0.5))
+        monkeypatch.setattr(functional_module, "SHAPED_CHUNK_VALUES", 8 * 60)  # 60 rows >= 16 C = 48
+        chunked = functional_module.shaped_head_logits(head, features, clip)
+    assert calls == [60, 40]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    # a head with many classes is not split (each chunk would re-read its weight)
+    calls.clear()
+    with torch.no_grad():
+        functional_module.shaped_head_logits(torch.nn.Linear(8, 50), features, clip)
+    assert calls == [100]
