@@ -2,47 +2,18 @@
 training feature mean."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
-from lightning_ood.detectors.functional import check_finite
+from lightning_ood.detectors.functional import check_finite, stable_row_norm
 from lightning_ood.detectors.registry import register
 from lightning_ood.distributed import all_reduce
 
 #: Below this, two classes' weight rows are taken as identical (no boundary between them).
 SAME_ROWS = 1e-12
-
-
-def stable_row_norm(x: Tensor) -> Tensor:
-    """(B,) L2 norms of the rows of ``x`` (B, D) that neither overflow nor underflow.
-
-    The plain norm sums squares in ``x``'s dtype: a row with entries past ~1e19 (float32)
-    gives inf, one whose squares are subnormal loses digits. Only such rows (norm inf or
-    below ``sqrt(D * tiny / eps)``, where the squares that underflowed can no longer move it)
-    are recomputed on the row rescaled by its largest absolute value. Eagerly on the CPU
-    those rows are found first (usually none, and the rest is one pass, 6x faster than
-    rescaling every row); elsewhere, and under ``torch.export``, both are computed and
-    selected without a host sync.
-    """
-    norms = torch.linalg.vector_norm(x, dim=1)
-    info = torch.finfo(x.dtype)
-    unreliable = (norms < math.sqrt(x.shape[1] * info.tiny / info.eps)) | torch.isinf(norms)
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.where(unreliable, _rescaled_row_norm(x), norms)
-    if bool(unreliable.any()):
-        rows = unreliable.nonzero().squeeze(1)
-        norms = norms.index_put((rows,), _rescaled_row_norm(x.index_select(0, rows)))
-    return norms
-
-
-def _rescaled_row_norm(x: Tensor) -> Tensor:
-    scale = x.abs().amax(dim=1, keepdim=True)
-    safe = scale.clamp_min(torch.finfo(x.dtype).tiny)
-    return torch.linalg.vector_norm(x / safe, dim=1) * scale.squeeze(1)
 
 
 def linear_head_reason(head: nn.Module, what: str) -> Optional[str]:

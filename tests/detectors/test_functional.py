@@ -1,7 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+
+from lightning_ood.detectors import functional as functional_module
 
 from lightning_ood.detectors.functional import (
     ash_b,
@@ -237,8 +240,6 @@ def test_jigsaw_rejects_tiny_images():
 
 
 def test_shaped_head_logits_in_chunks_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_ood.detectors import functional as functional_module
-
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 3)
     features = torch.rand(100, 8)
@@ -259,3 +260,23 @@ def test_shaped_head_logits_in_chunks_equals_one_call(monkeypatch: pytest.Monkey
     with torch.no_grad():
         functional_module.shaped_head_logits(torch.nn.Linear(8, 50), features, clip)
     assert calls == [100]
+
+
+def test_stable_row_norm_on_every_scale_and_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 64, generator=g)
+    rows[1] *= 1e30  # squares overflow float32
+    rows[2] *= 1e-30  # squares underflow
+    rows[3] = 0.0
+    rows[4, :] = 1e-3
+    rows[4, 7] = 3e38  # one entry near float32's maximum
+    rows[5] *= 1e-25  # squares subnormal, digits lost in a plain sum
+    expected = np.linalg.norm(rows.double().numpy(), axis=1)
+    eager = functional_module.stable_row_norm(rows)
+    np.testing.assert_allclose(eager.double().numpy(), expected, rtol=1e-6, atol=0)
+    # the plain norm is what needs the fix-up here
+    plain = torch.linalg.vector_norm(rows, dim=1)
+    assert torch.isinf(plain[1]) and plain[2] == 0 and torch.isinf(plain[4])
+    # the sync-free selection (other devices, torch.export) gives the same values
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(functional_module.stable_row_norm(rows), eager, rtol=0, atol=0)
