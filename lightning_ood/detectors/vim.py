@@ -256,7 +256,10 @@ class VirtualLogitMatching(Detector):
             raise ValueError(f"ViM logits must have shape (B, {self.num_classes}) with the features' B; "
                              f"got {tuple(logits.shape)} for features {tuple(features.shape)}")
         check_finite(logits, "ViM logits")
-        energy = torch.logsumexp(logits.to(torch.float64), dim=1)
+        # float32 logits are already rounded to float32: their logsumexp in float32 (1 ulp), then
+        # the score in float64 (no (B, C) float64 copy)
+        energy = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        energy = energy.to(torch.float64)
         return gaussian.to_float32_score(energy - self.alpha * self.residual_norms(features))
 
     def extra_repr(self) -> str:
