@@ -268,12 +268,14 @@ def stable_row_norm(x: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(x, dim=1)
     info = torch.finfo(x.dtype)
     lowest = math.sqrt(x.shape[1] * info.tiny / info.eps)
+    def unreliable() -> Tensor:
+        return (norms < lowest) | torch.isinf(norms)
+
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        unreliable = (norms < lowest) | torch.isinf(norms)
-        return torch.where(unreliable, _rescaled_row_norm(x), norms)
+        return torch.where(unreliable(), _rescaled_row_norm(x), norms)
     smallest, largest = norms.aminmax() if norms.numel() else (lowest, 0.0)
     if smallest < lowest or largest == math.inf:  # one reduction and a bool: usually no row to redo
-        rows = ((norms < lowest) | torch.isinf(norms)).nonzero().squeeze(1)
+        rows = unreliable().nonzero().squeeze(1)
         norms = norms.index_put((rows,), _rescaled_row_norm(x.index_select(0, rows)))
     return norms
 

@@ -79,7 +79,10 @@ def _score(x: Tensor, gamma: float, m: int) -> Tensor:
         z = arranged - largest
         top = torch.full((B, 1), C - 1, dtype=torch.long, device=x.device)
     z.scatter_(1, top, float("-inf"))
-    chosen = z if m == C else z.narrow(1, C - m, m)  # the top M, the most probable one's column included
+    def top_m(t: Tensor) -> Tensor:  # the top M columns, the most probable one's included
+        return t if m == C else t.narrow(1, C - m, m)
+
+    chosen = top_m(z)
     shift = (chosen if m >= 2 else z).amax(dim=1, keepdim=True)  # x_second - x_top
     floor_rest, floor_p = _floors(x.dtype, C)
     # e_j = exp(z_j - shift) <= 1, the second's is 1, so their sum is >= 1 and nothing
@@ -92,7 +95,7 @@ def _score(x: Tensor, gamma: float, m: int) -> Tensor:
     # Once p_second < eps / e every p is, and log(1 - p) ~ -p is under half an ulp of log p
     # (|log p| > 1), so p_second is floored there too.
     minus_p_second = (shift - log_norm).clamp_(min=floor_p).exp_().neg_()
-    log_q = ((e if m == C else e.narrow(1, C - m, m)) * minus_p_second).log1p_()
+    log_q = (top_m(e) * minus_p_second).log1p_()
     # the most probable class: p (1 - p) = exp(log_rest - 2 log_norm), its 1 - p being the mass of
     # the rest; its own log_q (from its floored e) is under half an ulp of |log p(1-p)| >= log 4
     z.scatter_(1, top, log_rest - log_norm)
